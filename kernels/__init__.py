@@ -1,0 +1,5 @@
+"""Functional attention ops of the zoo (installed as ``zoo.kernels``). No nn.Module here."""
+
+from .neighborhood import AxisWindow, axis_window, na2d
+
+__all__ = ["na2d", "axis_window", "AxisWindow"]
