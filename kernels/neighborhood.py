@@ -141,12 +141,16 @@ def _check_tensors(query, key, value, rpb, additional_keys, additional_values, k
                 f"{name} must have the shape of query {tuple(query.shape)}, got {tuple(t.shape)}"
             )
     for name, t in (("key", key), ("value", value), ("additional_keys", additional_keys),
-                    ("additional_values", additional_values), ("rpb", rpb)):
+                    ("additional_values", additional_values)):
         if t is not None and (t.dtype != query.dtype or t.device != query.device):
             raise ValueError(
                 f"{name} must match query's dtype and device ({query.dtype}, {query.device}), "
                 f"got ({t.dtype}, {t.device})"
             )
+    # The bias table may keep its own dtype: under autocast it stays an fp32 parameter while
+    # q/k/v are half; it is added to the fp32 logits anyway.
+    if rpb is not None and rpb.device != query.device:
+        raise ValueError(f"rpb must be on query's device {query.device}, got {rpb.device}")
     batch, _, _, heads, head_dim = query.shape
     if rpb is not None:
         want = (heads, 2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1)

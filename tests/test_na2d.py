@@ -348,6 +348,19 @@ def test_flops_on_meta(kw, extra):
     assert counter.get_total_flops() == 2 * per_matmul
 
 
+def test_autocast_with_fp32_rpb():
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (randn(1, 9, 10, 2, 16, dtype=torch.float32, gen=gen) for _ in range(3))
+    rpb = randn(2, 5, 5, dtype=torch.float32, grad=True, gen=gen)
+    ref = na2d(q, k, v, 3, rpb=rpb)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = na2d(*(t.bfloat16() for t in (q, k, v)), 3, rpb=rpb)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    out.float().sum().backward()
+    assert rpb.grad is not None and rpb.grad.dtype == torch.float32
+
+
 def _qkv(shape=(1, 8, 8, 2, 4)):
     return [torch.zeros(shape) for _ in range(3)]
 
