@@ -1,0 +1,68 @@
+"""Small shared layers: layouts, norms by name, activations by name."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .registry import register
+
+NHWC, NCHW = "nhwc", "nchw"
+
+
+def to_layout(x: torch.Tensor, current: str, wanted: str) -> torch.Tensor:
+    """Permute a 4-D feature map between channels-last (B, H, W, C) and (B, C, H, W)."""
+    if current == wanted:
+        return x
+    if wanted == NHWC:
+        return x.permute(0, 2, 3, 1)
+    return x.permute(0, 3, 1, 2)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+@register("norm", "layernorm")
+class LayerNormNHWC(nn.LayerNorm):
+    """LayerNorm over channels, channels-last."""
+    layout = NHWC
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__(dim, eps=eps)
+
+
+@register("norm", "layernorm2d")
+class LayerNormNCHW(LayerNorm2d):
+    layout = NCHW
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__(dim, eps=eps)
+
+
+@register("norm", "batchnorm2d")
+class BatchNormNCHW(nn.BatchNorm2d):
+    layout = NCHW
+
+    def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__(dim, eps=eps, momentum=momentum)
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU,
+               "silu": nn.SiLU, "hardswish": nn.Hardswish, "tanh": nn.Tanh, "identity": nn.Identity}
+
+
+def activation(name: str) -> nn.Module:
+    try:
+        return ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+
+
+def norm_layer(name: str, dim: int, eps: float = 1e-5) -> nn.Module:
+    """A channels-last norm by name, for use inside blocks."""
+    if name == "layernorm":
+        return nn.LayerNorm(dim, eps=eps)
+    raise ValueError(f"unknown norm {name!r}; known: ['layernorm']")

@@ -1,0 +1,89 @@
+"""Name -> class registries that YAML `type:` keys resolve through.
+
+Each kind of trunk module has its own namespace, so a downsampler and a mixer may share a name.
+The parameters a YAML spec may set are read from the class's ``__init__`` signature: its type
+annotations drive validation, and the names in ``INJECTED`` are supplied by the builder (never by
+YAML). A class may add a ``check(cls, params, ctx)`` classmethod for rules that span several
+parameters (dim divisible by heads, kernel fits the feature map); it raises ``SpecError``.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Callable, Dict, Optional, Tuple, Union
+
+KINDS = ("stem", "downsample", "block", "mixer", "norm", "context")
+
+# Parameters every class of a kind receives from the builder, not from the config file.
+INJECTED = {
+    "stem": {"in_chans", "out_dim"},
+    "downsample": {"in_dim", "out_dim"},
+    "block": {"dim", "drop_path"},
+    "mixer": {"dim"},
+    "norm": {"dim"},
+    "context": {"dim"},
+}
+
+_REGISTRY: Dict[str, Dict[str, type]] = {kind: {} for kind in KINDS}
+
+# Annotation helpers for block signatures.
+Pair = Union[int, Tuple[int, int]]  # one int for both axes, or (height, width)
+
+
+class Spec:
+    """Marker for a parameter that holds a nested ``{type: ..., ...}`` spec of another kind."""
+
+    def __init__(self, kind: str):
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}")
+        self.kind = kind
+
+    def __repr__(self):
+        return f"Spec({self.kind!r})"
+
+
+def spec_of(kind: str):
+    """Annotation for a nested spec: ``mixer: spec_of("mixer")``."""
+    return Annotated[Optional[dict], Spec(kind)]
+
+
+class SpecError(ValueError):
+    """A rule about a spec's values; ``key`` names the offending parameter (or None)."""
+
+    def __init__(self, key: Optional[str], message: str):
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
+def register(kind: str, name: str) -> Callable[[type], type]:
+    if kind not in KINDS:
+        raise ValueError(f"unknown registry kind {kind!r}; kinds are {KINDS}")
+
+    def deco(cls: type) -> type:
+        table = _REGISTRY[kind]
+        if name in table and table[name] is not cls:
+            raise ValueError(f"{kind} {name!r} registered twice ({table[name].__qualname__}, {cls.__qualname__})")
+        table[name] = cls
+        cls.registered_name = name
+        return cls
+
+    return deco
+
+
+def lookup(kind: str, name: str) -> type:
+    try:
+        return _REGISTRY[kind][name]
+    except KeyError:
+        raise KeyError(f"unknown {kind} type {name!r}; known: {sorted(_REGISTRY[kind])}") from None
+
+
+def names(kind: str):
+    return sorted(_REGISTRY[kind])
+
+
+def build(kind: str, spec: Optional[dict], **injected):
+    """Instantiate a (validated, per-block resolved) spec. ``None`` builds nothing."""
+    if spec is None:
+        return None
+    params = dict(spec)
+    cls = lookup(kind, params.pop("type"))
+    return cls(**params, **injected)

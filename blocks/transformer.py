@@ -1,0 +1,47 @@
+"""The pre-norm transformer block shared by most families: x + mixer(norm(x)), x + mlp(norm(x))."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+from timm.layers import DropPath, LayerScale, Mlp
+from torch import nn
+
+from .layers import ACTIVATIONS, NHWC
+from .registry import SpecError, build, register, spec_of
+
+Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "hardswish"]
+
+
+@register("block", "transformer")
+class TransformerBlock(nn.Module):
+    layout = NHWC
+
+    def __init__(self, dim: int, mixer: spec_of("mixer"), mlp_ratio: float = 4.0,
+                 layer_scale: Optional[float] = None, act: Activation = "gelu", norm_eps: float = 1e-5,
+                 proj_drop: float = 0.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mixer = build("mixer", mixer, dim=dim)
+        self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=ACTIVATIONS[act], drop=proj_drop)
+        self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.mixer_takes_context = getattr(self.mixer, "takes_context", False)
+
+    @classmethod
+    def check(cls, params: dict, ctx: dict) -> None:
+        if params["mixer"] is None:
+            raise SpecError("mixer", "a transformer block needs a mixer")
+        if params["mlp_ratio"] <= 0:
+            raise SpecError("mlp_ratio", f"must be > 0, got {params['mlp_ratio']}")
+        if params["layer_scale"] is not None and params["layer_scale"] <= 0:
+            raise SpecError("layer_scale", f"must be > 0 or null, got {params['layer_scale']}")
+
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        y = self.norm1(x)
+        y = self.mixer(y, ctx) if self.mixer_takes_context else self.mixer(y)
+        x = x + self.drop_path1(self.ls1(y))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

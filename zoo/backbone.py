@@ -1,0 +1,229 @@
+"""The one model class: stem -> stages -> norm -> head, speaking timm's model API."""
+from __future__ import annotations
+
+from functools import partial
+from typing import List, Optional, Tuple, Union
+
+import torch
+from timm.layers import ClassifierHead, NormMlpClassifierHead, trunc_normal_
+from timm.models._features import feature_take_indices
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from zoo.blocks import build, lookup
+from zoo.blocks.layers import NCHW, NHWC, to_layout
+from zoo.config import MIN_INPUT, ModelConfig, StageConfig, load_config
+
+
+class Stage(nn.Module):
+    """An optional downsampler, optional stage-level context, then the blocks.
+
+    Stage-level state shared by the blocks (GC-ViT's global queries, FasterViT's carrier tokens)
+    comes from ``context`` and is handed to every block explicitly; a block may return
+    ``(x, ctx)`` to pass an updated state to the next one.
+    """
+
+    def __init__(self, cfg: StageConfig, in_dim: int, drop_paths: List[float]):
+        super().__init__()
+        self.downsample = build("downsample", cfg.downsample, in_dim=in_dim, out_dim=cfg.dim)
+        self.context = build("context", cfg.context, dim=cfg.dim)
+        blocks = []
+        for unit, dp in zip(cfg.units, drop_paths):
+            blocks += [build("block", spec, dim=cfg.dim, drop_path=dp) for spec in unit]
+        self.blocks = nn.ModuleList(blocks)
+        self.grad_checkpointing = False
+        first = self.downsample or self.context or self.blocks[0]
+        self.in_layout = first.layout
+        self.out_layout = self.blocks[-1].layout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layout = self.in_layout
+        if self.downsample is not None:
+            x = self.downsample(x)
+        ctx = None
+        if self.context is not None:
+            x = to_layout(x, layout, self.context.layout)
+            layout = self.context.layout
+            ctx = self.context(x)
+        for blk in self.blocks:
+            x = to_layout(x, layout, blk.layout)
+            layout = blk.layout
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                out = checkpoint(blk, x, ctx, use_reentrant=False)
+            else:
+                out = blk(x, ctx)
+            if isinstance(out, tuple):
+                x, ctx = out
+            else:
+                x = out
+        return x
+
+
+class Backbone(nn.Module):
+    """Every zoo model. Build from a validated ``ModelConfig`` (or a path, name or dict)."""
+
+    def __init__(self, cfg: Union[ModelConfig, str, dict], num_classes: Optional[int] = None,
+                 in_chans: Optional[int] = None, global_pool: Optional[str] = None,
+                 drop_rate: Optional[float] = None, drop_path_rate: Optional[float] = None):
+        super().__init__()
+        if not isinstance(cfg, ModelConfig):
+            cfg = load_config(cfg)
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes if num_classes is None else num_classes
+        self.in_chans = cfg.in_chans if in_chans is None else in_chans
+        drop_rate = cfg.drop_rate if drop_rate is None else drop_rate
+        drop_path_rate = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
+        global_pool = cfg.head["pool"] if global_pool is None else global_pool
+
+        self.stem = build("stem", cfg.stem, in_chans=self.in_chans, out_dim=cfg.stages[0].dim)
+        total = sum(s.depth for s in cfg.stages)
+        # Plain floats, not torch.linspace: models are also built on the meta device to be measured.
+        rates = [drop_path_rate * i / (total - 1) for i in range(total)] if total > 1 else [0.0] * total
+        stages, in_dim, start = [], cfg.stages[0].dim, 0
+        self.feature_info = []
+        for i, s in enumerate(cfg.stages):
+            stages.append(Stage(s, in_dim, rates[start:start + s.depth]))
+            start += s.depth
+            in_dim = s.dim
+            self.feature_info.append(dict(num_chs=s.dim, reduction=s.reduction, module=f"stages.{i}"))
+        self.stages = nn.Sequential(*stages)
+        self.num_features = cfg.num_features
+        self.norm = build("norm", cfg.norm, dim=self.num_features) or nn.Identity()
+        self.norm_layout = getattr(self.norm, "layout", NCHW)
+        head = cfg.head
+        if head["norm"] is not None or head["hidden_size"]:
+            norm_spec = dict(head["norm"] or {"type": "layernorm2d"})
+            norm_cls = lookup("norm", norm_spec.pop("type"))
+            self.head = NormMlpClassifierHead(
+                self.num_features, self.num_classes, hidden_size=head["hidden_size"], pool_type=global_pool,
+                drop_rate=drop_rate, norm_layer=partial(norm_cls, **norm_spec), act_layer=head["hidden_act"])
+        else:
+            self.head = ClassifierHead(self.num_features, self.num_classes, pool_type=global_pool,
+                                       drop_rate=drop_rate)
+        self.head_hidden_size = self.head.num_features
+        self.output_fmt = "NCHW"
+        self.apply(_init_weights)
+
+    # ------------------------------------------------------------------ forward
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{self.cfg.name}: expected an image batch of shape (B, {self.in_chans}, H, W), "
+                             f"got {shape}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"{self.cfg.name}: expected {self.in_chans} input channels, got {x.shape[1]} "
+                             f"(input shape {tuple(x.shape)}; images are (B, C, H, W))")
+        if x.shape[2] < MIN_INPUT or x.shape[3] < MIN_INPUT:
+            raise ValueError(f"{self.cfg.name}: input must be at least {MIN_INPUT}x{MIN_INPUT}, "
+                             f"got {x.shape[2]}x{x.shape[3]}")
+        if not x.is_floating_point():
+            raise ValueError(f"{self.cfg.name}: expected a floating point image batch, got {x.dtype}")
+
+    def _run_stages(self, x: torch.Tensor, stages=None):
+        """Yield (index, NCHW-or-native tensor, layout) after each stage."""
+        layout = self.stem.layout
+        for i, stage in enumerate(self.stages if stages is None else stages):
+            x = to_layout(x, layout, stage.in_layout)
+            x = stage(x)
+            layout = stage.out_layout
+            yield i, x, layout
+
+    def _final_norm(self, x: torch.Tensor, layout: str) -> torch.Tensor:
+        x = to_layout(x, layout, self.norm_layout)
+        return to_layout(self.norm(x), self.norm_layout, NCHW)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image -> final feature map (B, C, H/32, W/32), after the final norm."""
+        self._check_input(x)
+        x = self.stem(x)
+        layout = self.stem.layout
+        for _, x, layout in self._run_stages(x):
+            pass
+        return self._final_norm(x, layout)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+            self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
+            stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Per-stage feature maps (strides 4, 8, 16, 32 for four stages), timm's contract."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        self._check_input(x)
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
+        stages = self.stages[:max_index + 1] if (stop_early or intermediates_only) else self.stages
+        x = self.stem(x)
+        layout = self.stem.layout
+        feats = []
+        for i, x, layout in self._run_stages(x, stages):
+            if i in take:
+                y = self._final_norm(x, layout) if (norm and i == last) else to_layout(x, layout, NCHW)
+                feats.append(y if output_fmt == "NCHW" else y.permute(0, 2, 3, 1))
+        if intermediates_only:
+            return feats
+        if i == last:
+            x = self._final_norm(x, layout)
+        return x, feats
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True):
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+            self.norm_layout = NCHW
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+    # ------------------------------------------------------------------ timm API
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        names = set()
+        for mod_name, mod in self.named_modules():
+            for p in getattr(mod, "no_weight_decay_names", ()):
+                if getattr(mod, p, None) is not None:
+                    names.add(f"{mod_name}.{p}" if mod_name else p)
+        return names
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.(downsample|context)", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+
+def _init_weights(m: nn.Module) -> None:
+    """ViT-style default for linears (the NAT, Swin and most authors' codes); modules with their own
+    scheme define ``init_weights`` and are left to it."""
+    if hasattr(m, "init_weights") and not isinstance(m, Backbone):
+        m.init_weights()
+    elif isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

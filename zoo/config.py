@@ -1,0 +1,538 @@
+"""Model configs: YAML files with bases, merged and validated before any module is built.
+
+A file is ``{description, base, reference, pretrained, model}``. ``base`` names another config
+(a stem in configs/models/, or a path relative to the file); the variant states only what
+differs. Mappings merge key by key, lists of equal length merge element by element (so a variant
+can change one stage), anything else replaces; ``null`` removes a key. A spec whose ``type``
+changes replaces the base spec instead of merging with it.
+
+Validation reads each registered class's ``__init__`` signature (see blocks/registry.py), so a new
+block type needs no edit here. A list given to a parameter whose annotation is not a sequence is a
+per-block cycle over the stage (DiNAT's ``dilation: [1, 8, 1]``, Swin's ``shift: [false, true]``);
+its length must divide the stage depth. For per-axis (``Pair``) parameters a list is always such
+a cycle, and a rectangular value is written ``{h: 7, w: 9}``.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import typing
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
+
+from zoo.blocks import registry
+from zoo.errors import ConfigError
+
+TOP_KEYS = {"description", "base", "reference", "pretrained", "model"}
+MODEL_KEYS = {"in_chans", "num_classes", "img_size", "drop_rate", "drop_path_rate", "stem", "block",
+              "downsample", "stages", "norm", "head"}
+STAGE_KEYS = {"depth", "dim", "block", "downsample", "context"}
+HEAD_KEYS = {"pool", "norm", "hidden_size", "hidden_act", "drop_rate"}
+REFERENCE_KEYS = {"params", "gmacs", "published", "source", "layout"}
+PUBLISHED_KEYS = {"params", "gmacs", "top1", "note"}
+PRETRAINED_KEYS = {"input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation", "num_classes",
+                   "license", "paper_ids", "notes"}
+MIN_INPUT = 32
+
+
+def models_dir() -> Path:
+    return Path(str(resources.files("zoo.configs"))) / "models"
+
+
+def config_paths() -> Dict[str, Path]:
+    """Every shipped model config by file stem (configs/models/ and its sub-folders)."""
+    found: Dict[str, Path] = {}
+    for path in sorted(models_dir().rglob("*.yaml")):
+        if path.stem in found:
+            raise ConfigError(path, "", f"duplicate model name {path.stem!r} (also {found[path.stem]})")
+        found[path.stem] = path
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and merging
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read file: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(path, "", f"not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(path, "", f"a config must be a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def _find_base(name: Any, referrer: Path) -> Path:
+    if not isinstance(name, str) or not name:
+        raise ConfigError(referrer, "base", f"must be a config name or path, got {name!r}")
+    candidates = []
+    if name.endswith((".yaml", ".yml")):
+        candidates.append((referrer.parent / name).resolve())
+    else:
+        candidates.append(referrer.parent / f"{name}.yaml")
+        shipped = config_paths().get(name)
+        if shipped is not None:
+            candidates.append(shipped)
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(referrer, "base", f"base config {name!r} does not exist (looked for "
+                                        f"{', '.join(str(c) for c in candidates)})")
+
+
+def _merge(base: Any, over: Any, path: str, prov: Dict[str, Path], file: Path) -> Any:
+    """Merge ``over`` into ``base``; record in ``prov`` which file set each key path."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        if "type" in over and "type" in base and over["type"] != base["type"]:
+            base = {}
+        out = dict(base)
+        for k, v in over.items():
+            sub = f"{path}.{k}" if path else str(k)
+            if v is None:
+                out.pop(k, None)
+                prov[sub] = file
+            elif k in out:
+                out[k] = _merge(out[k], v, sub, prov, file)
+            else:
+                out[k] = _record(copy.deepcopy(v), sub, prov, file)
+        return out
+    if isinstance(base, list) and isinstance(over, list) and len(base) == len(over) \
+            and all(isinstance(e, dict) for e in base + over):
+        return [_merge(b, o, f"{path}[{i}]", prov, file) for i, (b, o) in enumerate(zip(base, over))]
+    return _record(copy.deepcopy(over), path, prov, file)
+
+
+def _record(value: Any, path: str, prov: Dict[str, Path], file: Path) -> Any:
+    prov[path] = file
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _record(v, f"{path}.{k}" if path else str(k), prov, file)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _record(v, f"{path}[{i}]", prov, file)
+    return value
+
+
+def _load_raw(path: Path, chain: Tuple[Path, ...], prov: Dict[str, Path]) -> dict:
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(p.name for p in chain + (path,))
+        raise ConfigError(chain[-1], "base", f"base cycle: {cycle}")
+    data = _read_yaml(path)
+    base_name = data.get("base")
+    if base_name is None:
+        return _record(copy.deepcopy(data), "", prov, path)
+    base_path = _find_base(base_name, path)
+    base = _load_raw(base_path, chain + (path,), prov)
+    base.pop("base", None)
+    own = {k: v for k, v in data.items() if k != "base"}
+    merged = _merge(base, own, "", prov, path)
+    merged["base"] = base_name
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking values against annotations
+
+
+class _Fail(Exception):
+    def __init__(self, key: str, message: str):
+        self.key, self.message = key, message
+
+
+def _origin(ann):
+    return typing.get_origin(ann)
+
+
+def _spec_marker(ann) -> Optional[registry.Spec]:
+    if _origin(ann) is typing.Annotated:
+        for meta in ann.__metadata__:
+            if isinstance(meta, registry.Spec):
+                return meta
+    return None
+
+
+def _accepts_sequence(ann) -> bool:
+    if ann is inspect.Parameter.empty:
+        return True
+    if _spec_marker(ann) is not None:
+        return False
+    origin = _origin(ann)
+    if origin in (list, tuple, List, Tuple):
+        return True
+    if origin is typing.Union:
+        return any(_accepts_sequence(a) for a in typing.get_args(ann))
+    return ann in (list, tuple)
+
+
+def _matches(value, ann) -> bool:
+    if ann is inspect.Parameter.empty or ann is Any:
+        return True
+    if _spec_marker(ann) is not None:
+        return value is None or isinstance(value, dict)
+    origin = _origin(ann)
+    if origin is typing.Union:
+        return any(_matches(value, a) for a in typing.get_args(ann))
+    if origin is typing.Literal:
+        return value in typing.get_args(ann)
+    if origin in (tuple, Tuple):
+        args = typing.get_args(ann)
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+    if origin in (list, List):
+        (arg,) = typing.get_args(ann) or (Any,)
+        return isinstance(value, (list, tuple)) and all(_matches(v, arg) for v in value)
+    if ann is type(None):
+        return value is None
+    if ann is bool:
+        return isinstance(value, bool)
+    if ann is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if ann is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ann in (dict, Dict):
+        return isinstance(value, dict)
+    if isinstance(ann, type):
+        return isinstance(value, ann)
+    return True
+
+
+def _describe(ann) -> str:
+    if _spec_marker(ann) is not None:
+        return f"a {_spec_marker(ann).kind} spec (mapping with 'type') or null"
+    origin = _origin(ann)
+    if origin is typing.Union:
+        return " or ".join(_describe(a) for a in typing.get_args(ann))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(ann))
+    if origin in (tuple, Tuple):
+        args = typing.get_args(ann)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0])}"
+        return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
+    if origin in (list, List):
+        return f"a list of {_describe((typing.get_args(ann) or (Any,))[0])}"
+    if ann is type(None):
+        return "null"
+    return getattr(ann, "__name__", str(ann))
+
+
+@lru_cache(maxsize=None)
+def _signature(cls) -> Tuple[Dict[str, Any], Dict[str, Any], frozenset]:
+    """(annotations, defaults, required) of a class's config parameters."""
+    sig = inspect.signature(cls.__init__)
+    hints = typing.get_type_hints(cls.__init__, include_extras=True)
+    anns, defaults, required = {}, {}, set()
+    for name, p in list(sig.parameters.items())[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise TypeError(f"{cls.__qualname__}: registered classes must not take *args/**kwargs")
+        anns[name] = hints.get(name, inspect.Parameter.empty)
+        if p.default is p.empty:
+            required.add(name)
+        else:
+            defaults[name] = p.default
+    return anns, defaults, frozenset(required)
+
+
+def _pick(raw, ann, depth: int, index: int):
+    """Resolve a per-block cycle: returns (value, suffix naming the cycle element or '')."""
+    is_cycle = isinstance(raw, list) and (
+        ann == registry.Pair or not _accepts_sequence(ann) or (raw and all(isinstance(e, list) for e in raw)))
+    if not is_cycle:
+        return raw, ""
+    if not raw:
+        raise _Fail("", "a per-block list must not be empty")
+    if depth % len(raw) != 0:
+        raise _Fail("", f"per-block list of length {len(raw)} does not divide the stage depth {depth} "
+                        f"(write one value per block, or a pattern whose length divides the depth)")
+    j = index % len(raw)
+    return raw[j], f"[{j}]"
+
+
+def validate_spec(kind: str, spec: Any, path: str, ctx: dict, depth: int = 1, index: int = 0,
+                  where=None) -> Optional[dict]:
+    """Check one spec for block ``index`` of a stage; return it with cycles resolved.
+
+    ``where(path, message)`` raises the ConfigError (it knows which file set the key).
+    """
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        where(path, f"must be a mapping with a 'type' key, got {type(spec).__name__} {spec!r}")
+    if "type" not in spec:
+        where(path, f"missing 'type' (a {kind} type; known: {registry.names(kind)})")
+    if not isinstance(spec["type"], str):
+        where(f"{path}.type", f"must be a string, got {spec['type']!r}")
+    try:
+        cls = registry.lookup(kind, spec["type"])
+    except KeyError:
+        where(f"{path}.type", f"unknown {kind} type {spec['type']!r}; known: {registry.names(kind)}")
+    anns, defaults, required = _signature(cls)
+    injected = registry.INJECTED[kind]
+    allowed = [n for n in anns if n not in injected]
+    resolved = {"type": spec["type"]}
+    suffixes = {}
+    for key, raw in spec.items():
+        if key == "type":
+            continue
+        kpath = f"{path}.{key}"
+        if key not in allowed:
+            where(kpath, f"unknown key for {kind} {spec['type']!r}; valid keys: {sorted(allowed)}")
+        ann = anns[key]
+        try:
+            value, suffix = _pick(raw, ann, depth, index)
+        except _Fail as f:
+            where(kpath, f.message)
+        suffixes[key] = suffix
+        if ann == registry.Pair and isinstance(value, dict):
+            if set(value) != {"h", "w"}:
+                where(kpath + suffix, f"a per-axis value is written {{h: ..., w: ...}}, got {value!r}")
+            value = (value["h"], value["w"])
+        marker = _spec_marker(ann)
+        if marker is not None and isinstance(value, dict):
+            value = validate_spec(marker.kind, value, kpath + suffix, ctx, depth, index, where)
+        elif not _matches(value, ann):
+            where(kpath + suffix, f"expected {_describe(ann)}, got {value!r}")
+        resolved[key] = value
+    missing = sorted(n for n in required if n not in injected and n not in resolved)
+    if missing:
+        where(path, f"missing required key(s) {missing} for {kind} {spec['type']!r}")
+    check = getattr(cls, "check", None)
+    if check is not None:
+        params = {**defaults, **{k: v for k, v in resolved.items() if k != "type"}}
+        try:
+            check(params, ctx)
+        except registry.SpecError as e:
+            kp = f"{path}.{e.key}{suffixes.get(e.key, '')}" if e.key else path
+            where(kp, e.message)
+    return resolved
+
+
+# ----------------------------------------------------------------------------------------------
+# The validated config
+
+
+@dataclass
+class StageConfig:
+    depth: int
+    dim: int
+    units: List[List[dict]]  # units[i] = the resolved block specs of repetition i
+    downsample: Optional[dict]
+    context: Optional[dict]
+    reduction: int  # stride of this stage's output relative to the input image
+    input_size: Tuple[int, int]  # feature map size at the config's img_size
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    file: Optional[Path]
+    in_chans: int
+    num_classes: int
+    img_size: Tuple[int, int]
+    drop_rate: float
+    drop_path_rate: float
+    stem: dict
+    stages: List[StageConfig]
+    norm: Optional[dict]
+    head: dict
+    reference: dict = field(default_factory=dict)
+    pretrained: dict = field(default_factory=dict)
+    description: str = ""
+    raw: dict = field(default_factory=dict)  # the merged YAML, for saving beside checkpoints
+
+    @property
+    def num_features(self) -> int:
+        return self.stages[-1].dim
+
+
+def _as_pair(v) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def load_config(source, name: Optional[str] = None) -> ModelConfig:
+    """Load and validate a model config from a path, a shipped name, or a dict."""
+    prov: Dict[str, Path] = {}
+    if isinstance(source, dict):
+        file = None
+        raw = copy.deepcopy(source)
+        name = name or "custom"
+    else:
+        p = Path(source)
+        if not p.suffix and not p.exists():
+            found = config_paths().get(str(source).removeprefix("zoo_"))
+            if found is None:
+                raise ConfigError(source, "", f"no such model config; known: {sorted(config_paths())}")
+            p = found
+        if not p.is_file():
+            raise ConfigError(p, "", "config file does not exist")
+        file = p.resolve()
+        raw = _load_raw(file, (), prov)
+        name = name or p.stem
+    return _validate(raw, name, file, prov)
+
+
+def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path]) -> ModelConfig:
+    def where(keypath: str, message: str):
+        # Name the file that set the deepest recorded prefix of this key path.
+        origin, probe = file, keypath
+        while probe:
+            if probe in prov:
+                origin = prov[probe]
+                break
+            cut = max(probe.rfind("."), probe.rfind("["))
+            probe = probe[:cut] if cut > 0 else ""
+        if origin != file and file is not None:
+            message = f"{message} (in the base of {file.name})"
+        raise ConfigError(origin, keypath, message)
+
+    def keys(d, allowed, path):
+        if not isinstance(d, dict):
+            where(path, f"must be a mapping, got {type(d).__name__}")
+        for k in d:
+            if k not in allowed:
+                where(f"{path}.{k}" if path else str(k), f"unknown key; valid keys: {sorted(allowed)}")
+
+    def typed(d, key, path, kinds, default=inspect.Parameter.empty, check=None, rule=""):
+        if key not in d:
+            if default is inspect.Parameter.empty:
+                where(path, f"missing required key {key!r}")
+            return default
+        v = d[key]
+        kp = f"{path}.{key}" if path else key
+        ok = isinstance(v, kinds) and not (isinstance(v, bool) and bool not in _tuple(kinds))
+        if not ok:
+            names = "/".join(t.__name__ for t in _tuple(kinds))
+            where(kp, f"expected {names}, got {v!r}")
+        if check is not None and not check(v):
+            where(kp, f"{rule}, got {v!r}")
+        return v
+
+    keys(raw, TOP_KEYS, "")
+    if "model" not in raw:
+        where("", "missing required key 'model'")
+    ref = raw.get("reference") or {}
+    keys(ref, REFERENCE_KEYS, "reference")
+    if "published" in ref:
+        keys(ref["published"], PUBLISHED_KEYS, "reference.published")
+    pre = raw.get("pretrained") or {}
+    keys(pre, PRETRAINED_KEYS, "pretrained")
+
+    m = raw["model"]
+    keys(m, MODEL_KEYS, "model")
+    in_chans = typed(m, "in_chans", "model", int, 3, lambda v: v > 0, "must be positive")
+    num_classes = typed(m, "num_classes", "model", int, 1000, lambda v: v >= 0, "must be >= 0")
+    img = typed(m, "img_size", "model", (int, list), 224)
+    if isinstance(img, list) and (len(img) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                          for v in img)):
+        where("model.img_size", f"expected an int or [height, width], got {img!r}")
+    img_size = _as_pair(img)
+    if min(img_size) < MIN_INPUT:
+        where("model.img_size", f"must be at least {MIN_INPUT}, got {img!r}")
+    drop_rate = typed(m, "drop_rate", "model", (int, float), 0.0, lambda v: 0 <= v < 1, "must be in [0, 1)")
+    dpr = typed(m, "drop_path_rate", "model", (int, float), 0.0, lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+    def where_at(path, msg):
+        where(path, msg)
+
+    stem = validate_spec("stem", m.get("stem"), "model.stem", {"in_chans": in_chans}, where=where_at)
+    if stem is None:
+        where("model.stem", "missing required key 'stem'")
+    stages_raw = m.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        where("model.stages", f"must be a non-empty list of stages, got {stages_raw!r}")
+    reduction = _downscale("stem", stem)
+    stages: List[StageConfig] = []
+    prev_dim = None
+    for s, st in enumerate(stages_raw):
+        sp = f"model.stages[{s}]"
+        keys(st, STAGE_KEYS, sp)
+        depth = typed(st, "depth", sp, int, check=lambda v: v >= 1, rule="must be a positive integer")
+        dim = typed(st, "dim", sp, int, check=lambda v: v >= 1, rule="must be a positive integer")
+        ds_spec = st["downsample"] if "downsample" in st else (m.get("downsample") if s > 0 else None)
+        ds_path = f"{sp}.downsample" if "downsample" in st else "model.downsample"
+        if isinstance(ds_spec, dict) and isinstance(st.get("downsample"), dict) \
+                and isinstance(m.get("downsample"), dict) and "type" not in st["downsample"]:
+            ds_spec = {**m["downsample"], **st["downsample"]}
+        if ds_spec is not None:
+            ds = validate_spec("downsample", ds_spec, ds_path, {"in_dim": prev_dim, "out_dim": dim},
+                               where=where_at)
+            reduction *= _downscale("downsample", ds)
+        else:
+            ds = None
+            if s > 0 and prev_dim != dim:
+                where(f"{sp}.dim", f"changes the width from {prev_dim} to {dim} without a downsample")
+        size = (-(-img_size[0] // reduction), -(-img_size[1] // reduction))
+        ctx = {"dim": dim, "input_size": size, "stage": s, "img_size": img_size}
+        unit_raw, unit_path = _stage_blocks(m.get("block"), st.get("block"), sp)
+        if unit_raw is None:
+            where(f"{sp}.block", "missing: give the stage (or the model) a block spec")
+        units = []
+        for i in range(depth):
+            units.append([validate_spec("block", spec, f"{unit_path}[{u}]" if len(unit_raw) > 1 else unit_path,
+                                        ctx, depth, i, where_at) for u, spec in enumerate(unit_raw)])
+        context = validate_spec("context", st.get("context"), f"{sp}.context", ctx, where=where_at)
+        stages.append(StageConfig(depth, dim, units, ds, context, reduction, size))
+        prev_dim = dim
+
+    norm = validate_spec("norm", m.get("norm"), "model.norm", {"dim": prev_dim}, where=where_at)
+    head = m.get("head") or {}
+    keys(head, HEAD_KEYS, "model.head")
+    pool = head.get("pool", "avg")
+    if pool not in ("avg", "max", "avgmax", ""):
+        where("model.head.pool", f"expected one of 'avg', 'max', 'avgmax', '', got {pool!r}")
+    head_norm = validate_spec("norm", head.get("norm"), "model.head.norm", {"dim": prev_dim}, where=where_at)
+    hidden = typed(head, "hidden_size", "model.head", (int, type(None)), None)
+    typed(head, "hidden_act", "model.head", str, "tanh")
+    typed(head, "drop_rate", "model.head", (int, float), 0.0, lambda v: 0 <= v < 1, "must be in [0, 1)")
+    head = {"pool": pool, "norm": head_norm, "hidden_size": hidden, "hidden_act": head.get("hidden_act", "tanh")}
+    return ModelConfig(
+        name=name, file=file, in_chans=in_chans, num_classes=num_classes, img_size=img_size,
+        drop_rate=float(drop_rate), drop_path_rate=float(dpr), stem=stem, stages=stages, norm=norm, head=head,
+        reference=ref, pretrained=pre, description=str(raw.get("description", "")), raw=raw)
+
+
+def _downscale(kind: str, spec: dict) -> int:
+    """How much a stem or downsampler divides the resolution (a class attribute, or a function of
+    the spec's parameters for classes such as a patch embedding with a configurable patch)."""
+    cls = registry.lookup(kind, spec["type"])
+    fn = getattr(cls, "downscale_of", None)
+    if fn is not None:
+        return fn({k: v for k, v in spec.items() if k != "type"})
+    return getattr(cls, "downscale")
+
+
+def _tuple(kinds):
+    return kinds if isinstance(kinds, tuple) else (kinds,)
+
+
+def _stage_blocks(default, own, sp) -> Tuple[Optional[List[dict]], str]:
+    """The stage's repeating unit of block specs: its own block merged over the model's default."""
+    def as_list(b):
+        return None if b is None else (list(b) if isinstance(b, list) else [b])
+
+    d, o = as_list(default), as_list(own)
+    if o is None:
+        return d, "model.block"
+    if d is None or len(d) != len(o):
+        return o, f"{sp}.block"
+    merged = []
+    for db, ob in zip(d, o):
+        if isinstance(db, dict) and isinstance(ob, dict):
+            merged.append(_merge(db, ob, "", {}, Path(".")))
+        else:
+            merged.append(ob)
+    return merged, f"{sp}.block"

@@ -1,0 +1,105 @@
+"""Registers every shipped config with timm as ``zoo_<file stem>``.
+
+timm's ``register_model`` reads ``default_cfgs`` from the module that defines an entrypoint, so
+the pretrained configs are collected here before the entrypoints are registered.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, register_model
+from timm.models._registry import _model_entrypoints, generate_default_cfgs
+
+from zoo.backbone import Backbone
+from zoo.blocks import lookup
+from zoo.checkpoint import read_state_dict
+from zoo.config import MIN_INPUT, ModelConfig, config_paths, load_config
+from zoo.convert import convert_checkpoint
+
+PREFIX = "zoo_"
+MEANS = {"imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), "inception": ((0.5,) * 3, (0.5,) * 3)}
+default_cfgs = {}
+REGISTERED = {}
+
+
+def pretrained_cfg_for(cfg: ModelConfig) -> dict:
+    """timm's pretrained_cfg: input size, mean/std, crop, interpolation, first conv, classifier."""
+    p = cfg.pretrained
+    mean, std = p.get("mean", "imagenet"), p.get("std")
+    if isinstance(mean, str):
+        mean, std = MEANS[mean]
+    first_conv = getattr(lookup("stem", cfg.stem["type"]), "first_conv", "proj")
+    h, w = cfg.img_size
+    out = dict(
+        url="", num_classes=cfg.num_classes, input_size=(cfg.in_chans, h, w),
+        pool_size=(-(-h // cfg.stages[-1].reduction), -(-w // cfg.stages[-1].reduction)),
+        crop_pct=p.get("crop_pct", 0.875), crop_mode=p.get("crop_mode", "center"),
+        interpolation=p.get("interpolation", "bicubic"), mean=tuple(mean), std=tuple(std),
+        first_conv=f"stem.{first_conv}", classifier="head.fc", min_input_size=(cfg.in_chans, MIN_INPUT, MIN_INPUT),
+        description=cfg.description or None, origin_url=cfg.reference.get("source"),
+    )
+    for key in ("license", "paper_ids", "notes"):
+        if key in p:
+            out[key] = p[key]
+    return out
+
+
+def build(cfg: ModelConfig, variant: str, pretrained: bool = False, pretrained_cfg: Optional[dict] = None,
+          **kwargs) -> Backbone:
+    """timm's builder around Backbone: pretrained loading, features_only, pretrained_cfg."""
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    if pretrained and overlay.get("file") and not overlay.get("state_dict"):
+        # Read it here so a missing or corrupt file gets an error that names it.
+        overlay["state_dict"] = read_state_dict(overlay["file"])
+    return build_model_with_cfg(
+        Backbone, variant, pretrained, model_cfg=cfg, pretrained_cfg=pretrained_cfg,
+        pretrained_cfg_overlay=overlay or None, pretrained_filter_fn=convert_checkpoint,
+        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(len(cfg.stages)))), **kwargs)
+
+
+def _entrypoint(name: str, path: Path):
+    def entry(pretrained: bool = False, **kwargs):
+        return build(load_config(path, name=name), name, pretrained, **kwargs)
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__module__ = __name__
+    entry.__doc__ = f"zoo model from {path.name}"
+    return entry
+
+
+def register_all() -> None:
+    paths = config_paths()
+    cfgs = {}
+    for stem, path in paths.items():
+        name = PREFIX + stem
+        if name in _model_entrypoints and _model_entrypoints[name].__module__ != __name__:
+            raise RuntimeError(f"{name} is already a timm model; zoo never shadows timm's names")
+        cfgs[name] = pretrained_cfg_for(load_config(path, name=name))
+    default_cfgs.update(generate_default_cfgs(cfgs))
+    for stem, path in paths.items():
+        name = PREFIX + stem
+        fn = _entrypoint(name, path)
+        setattr(sys.modules[__name__], name, fn)
+        register_model(fn)
+        REGISTERED[name] = path
+
+
+def create_model(name_or_path, pretrained: bool = False, **kwargs) -> Backbone:
+    """A zoo model from a registered name (``zoo_nat_tiny`` or ``nat_tiny``) or a YAML file of yours."""
+    source = str(name_or_path)
+    if source.endswith((".yaml", ".yml")) or Path(source).is_file():
+        cfg = load_config(source)
+        variant = PREFIX + cfg.name
+        return build(cfg, variant, pretrained, pretrained_cfg=pretrained_cfg_for(cfg), **kwargs)
+    name = source if source.startswith(PREFIX) else PREFIX + source
+    if name not in REGISTERED:
+        raise ValueError(f"unknown zoo model {name_or_path!r}; registered: {sorted(REGISTERED)}")
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def list_models() -> list:
+    return sorted(REGISTERED)
