@@ -14,10 +14,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-try:
-    from zoo.kernels import na2d
-except ImportError:  # zoo not installed yet: the folder is importable from the repository root
-    from kernels import na2d
+from zoo.kernels import na2d
 
 
 # ---------------------------------------------------------------------------------------------
