@@ -211,7 +211,7 @@ class Backbone(nn.Module):
         return dict(
             stem=r"^stem",
             blocks=r"^stages\.(\d+)" if coarse else [
-                (r"^stages\.(\d+)\.(downsample|context)", (0,)),
+                (r"^stages\.(\d+)\.(?:downsample|context)", (0,)),
                 (r"^stages\.(\d+)\.blocks\.(\d+)", None),
                 (r"^norm", (99999,)),
             ],

@@ -1,0 +1,124 @@
+"""timm's model API on zoo models, and clear errors for bad input tensors."""
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from timm.optim import create_optimizer_v2
+
+import zoo
+
+NAME = "zoo_nat_mini"
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return timm.create_model(NAME).eval()
+
+
+def test_create_with_num_classes_and_pretrained_cfg():
+    m = timm.create_model("zoo_dinat_tiny", num_classes=10)
+    assert m.num_classes == 10 and m.get_classifier().out_features == 10
+    cfg = m.pretrained_cfg
+    assert cfg["input_size"] == (3, 224, 224) and cfg["interpolation"] == "bicubic"
+    assert cfg["mean"] == timm.data.IMAGENET_DEFAULT_MEAN and cfg["crop_pct"] == 0.875
+    assert cfg["first_conv"] == "stem.proj.0" and cfg["classifier"] == "head.fc"
+    data_cfg = timm.data.resolve_data_config({}, model=m)
+    assert data_cfg["input_size"] == (3, 224, 224)
+    assert timm.create_model("zoo_swin_tiny").pretrained_cfg["crop_pct"] == 0.9
+
+
+def test_forward_features_head_and_intermediates(model):
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        f = model.forward_features(x)
+        assert f.shape == (2, model.num_features, 3, 4)
+        assert model.forward_head(f, pre_logits=True).shape == (2, model.num_features)
+        assert torch.allclose(model.forward_head(f), model(x), atol=1e-5)
+        final, inter = model.forward_intermediates(x)
+        assert torch.allclose(final, f, atol=1e-5)
+        assert [t.shape[-2:] for t in inter] == [(24, 32), (12, 16), (6, 8), (3, 4)]
+        nhwc = model.forward_intermediates(x, indices=[1], output_fmt="NHWC", intermediates_only=True)
+        assert len(nhwc) == 1 and nhwc[0].shape == (2, 12, 16, 128)
+
+
+def test_features_only_gives_strides_4_to_32():
+    m = timm.create_model("zoo_swin_tiny", features_only=True, out_indices=(0, 1, 2, 3)).eval()
+    assert m.feature_info.reduction() == [4, 8, 16, 32]
+    assert m.feature_info.channels() == [96, 192, 384, 768]
+    with torch.no_grad():
+        outs = m(torch.randn(1, 3, 160, 96))
+    assert [tuple(o.shape[1:]) for o in outs] == [(96, 40, 24), (192, 20, 12), (384, 10, 6), (768, 5, 3)]
+    m2 = timm.create_model("zoo_nat_mini", features_only=True, out_indices=(1, 3))
+    assert m2.feature_info.reduction() == [8, 32] and len(m2.model.stages) == 4
+
+
+def test_reset_classifier(model):
+    m = timm.create_model(NAME)
+    m.reset_classifier(5)
+    assert m(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+    m.reset_classifier(0)
+    assert m(torch.randn(1, 3, 64, 64)).shape == (1, m.num_features)
+
+
+def test_grad_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    m = timm.create_model(NAME, num_classes=3, drop_path_rate=0.0)  # no stochastic depth: deterministic
+    x = torch.randn(2, 3, 64, 64)
+    m(x).sum().backward()
+    ref = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    m.set_grad_checkpointing(True)
+    assert all(s.grad_checkpointing for s in m.stages)
+    m(x).sum().backward()
+    for n, p in m.named_parameters():
+        assert torch.allclose(p.grad, ref[n], atol=1e-5), n
+
+
+def test_no_weight_decay_and_param_groups(model):
+    nwd = model.no_weight_decay()
+    assert "stages.0.blocks.0.mixer.rpb" in nwd and all(n.endswith("rpb") for n in nwd)
+    assert len(nwd) == sum(s.depth for s in model.cfg.stages)
+    opt = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.8)
+    assert len(opt.param_groups) > 4  # layer decay needs group_matcher to place every parameter
+    named = dict(model.named_parameters())
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(named)
+    matcher = model.group_matcher()
+    assert set(matcher) == {"stem", "blocks"}
+
+
+def test_user_yaml_through_zoo_create_model(tmp_path):
+    path = tmp_path / "my_net.yaml"
+    path.write_text("base: swin_tiny\nmodel:\n  num_classes: 4\n  stages: [{depth: 2}, {depth: 2}, {depth: 2}, {depth: 2}]\n")
+    m = zoo.create_model(str(path)).eval()
+    assert m.cfg.name == "my_net" and m(torch.randn(1, 3, 64, 80)).shape == (1, 4)
+    assert m.pretrained_cfg["input_size"] == (3, 224, 224)
+    feats = zoo.create_model(str(path), features_only=True)
+    assert feats.feature_info.reduction() == [4, 8, 16, 32]
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="unknown zoo model 'zoo_nat_huge'"):
+        zoo.create_model("zoo_nat_huge")
+
+
+@pytest.mark.parametrize("x,words", [
+    (torch.randn(3, 64, 64), r"expected an image batch of shape \(B, 3, H, W\), got \(3, 64, 64\)"),
+    (torch.randn(1, 64, 64, 3), "expected 3 input channels, got 64"),
+    (torch.randn(1, 3, 31, 64), "input must be at least 32x32, got 31x64"),
+    (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), "expected a floating point image batch"),
+])
+def test_bad_input_tensor(model, x, words):
+    with pytest.raises(ValueError, match=words):
+        model(x)
+
+
+def test_python_m_zoo_list():
+    out = subprocess.run([sys.executable, "-m", "zoo", "list", "--filter", "swin"], capture_output=True,
+                         text=True, check=True).stdout
+    lines = out.strip().splitlines()
+    assert lines[0].split()[:3] == ["model", "params", "code"]
+    assert any(line.startswith("zoo_swin_tiny") and "28,288,354" in line and "4.49" in line for line in lines)
+    assert "MISMATCH" not in out

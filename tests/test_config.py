@@ -1,0 +1,167 @@
+"""The YAML grammar: bases, per-block cycles, and one clear ConfigError per kind of mistake."""
+import copy
+import textwrap
+
+import pytest
+import yaml
+
+import zoo
+from zoo import ConfigError, load_config
+
+GOOD = yaml.safe_load(textwrap.dedent("""
+    description: a small NAT for tests
+    model:
+      img_size: 64
+      num_classes: 10
+      stem: {type: conv_tokenizer}
+      downsample: {type: conv_downsample}
+      block: {type: transformer, mlp_ratio: 2, mixer: {type: neighborhood, kernel_size: 3}}
+      stages:
+        - {depth: 2, dim: 16, block: {mixer: {heads: 2, dilation: [1, 2]}}}
+        - {depth: 1, dim: 32, block: {mixer: {heads: 2}}}
+      norm: {type: layernorm}
+"""))
+
+
+def write(tmp_path, data, name="net.yaml"):
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def edit(fn):
+    cfg = copy.deepcopy(GOOD)
+    fn(cfg)
+    return cfg
+
+
+def test_good_config_builds_and_runs(tmp_path):
+    path = write(tmp_path, GOOD)
+    cfg = load_config(path)
+    assert [u[0]["mixer"]["dilation"] for u in cfg.stages[0].units] == [1, 2]  # the cycle, resolved
+    model = zoo.create_model(path).eval()
+    assert model(__import__("torch").randn(1, 3, 64, 64)).shape == (1, 10)
+
+
+def test_variant_states_only_what_differs(tmp_path):
+    write(tmp_path, GOOD, "parent.yaml")
+    child = write(tmp_path, {"base": "parent", "model": {"stages": [{"depth": 4}, {"dim": 48}]}}, "child.yaml")
+    cfg = load_config(child)
+    assert cfg.stages[0].depth == 4 and cfg.stages[1].dim == 48
+    assert cfg.stages[0].units[0][0]["mixer"]["heads"] == 2  # inherited
+    assert [u[0]["mixer"]["dilation"] for u in cfg.stages[0].units] == [1, 2, 1, 2]
+
+
+def test_shipped_variants_inherit():
+    tiny, dinat = load_config("nat_tiny"), load_config("dinat_tiny")
+    assert [s.depth for s in tiny.stages] == [s.depth for s in dinat.stages]
+    assert [u[0]["mixer"]["dilation"] for u in dinat.stages[0].units] == [1, 8, 1]
+    assert [u[0]["mixer"]["dilation"] for u in dinat.stages[2].units][:4] == [1, 2, 1, 2]
+    swin = load_config("swin_tiny")
+    assert [u[0]["mixer"]["shift"] for u in swin.stages[2].units] == [False, True] * 3
+
+
+def test_null_removes_inherited_key(tmp_path):
+    parent = edit(lambda c: c["model"]["block"].update(layer_scale=1e-5))
+    write(tmp_path, parent, "parent.yaml")
+    child = write(tmp_path, {"base": "parent", "model": {"block": {"layer_scale": None}}}, "child.yaml")
+    assert "layer_scale" not in load_config(child).stages[0].units[0][0]
+
+
+def _stage0(c):
+    return c["model"]["stages"][0]
+
+
+# (kind of mistake, how to make it, the key path the error must name, words the message must hold)
+BAD = [
+    ("unknown top-level key", lambda c: c.update(modle={}), "modle", "unknown key"),
+    ("unknown model key", lambda c: c["model"].update(depths=[2, 2]), "model.depths", "unknown key"),
+    ("unknown block key", lambda c: c["model"]["block"].update(mlp_ration=4),
+     "model.stages[0].block.mlp_ration", "unknown key"),
+    ("unknown mixer key", lambda c: _stage0(c)["block"]["mixer"].update(kernal_size=3),
+     "model.stages[0].block.mixer.kernal_size", "unknown key"),
+    ("unknown mixer type", lambda c: c["model"]["block"]["mixer"].update(type="neighbourhood"),
+     "model.stages[0].block.mixer.type", "unknown mixer type"),
+    ("unknown stem type", lambda c: c["model"]["stem"].update(type="conv_tokeniser"), "model.stem.type",
+     "unknown stem type"),
+    ("wrong type (string for int)", lambda c: _stage0(c)["block"]["mixer"].update(heads="two"),
+     "model.stages[0].block.mixer.heads", "expected int"),
+    ("wrong type (bool for int)", lambda c: _stage0(c).update(depth=True), "model.stages[0].depth",
+     "expected int"),
+    ("wrong type (float for int)", lambda c: _stage0(c).update(dim=16.5), "model.stages[0].dim", "expected int"),
+    ("dim not divisible by heads", lambda c: _stage0(c)["block"]["mixer"].update(heads=3),
+     "model.stages[0].block.mixer.heads", "not divisible"),
+    ("even kernel size", lambda c: c["model"]["block"]["mixer"].update(kernel_size=4),
+     "model.stages[0].block.mixer.kernel_size", "odd"),
+    ("negative depth", lambda c: _stage0(c).update(depth=-1), "model.stages[0].depth", "positive"),
+    ("cycle does not divide depth", lambda c: _stage0(c)["block"]["mixer"].update(dilation=[1, 2, 1]),
+     "model.stages[0].block.mixer.dilation", "does not divide the stage depth"),
+    ("dilation too large for the input", lambda c: _stage0(c)["block"]["mixer"].update(dilation=[1, 8]),
+     "model.stages[0].block.mixer.dilation[1]", "exceeds"),
+    ("missing stages", lambda c: c["model"].pop("stages"), "model.stages", "non-empty list"),
+    ("missing mixer type", lambda c: c["model"]["block"]["mixer"].pop("type"),
+     "model.stages[0].block.mixer", "missing 'type'"),
+    ("missing required key", lambda c: _stage0(c).pop("dim"), "model.stages[0]", "missing required key 'dim'"),
+    ("missing required mixer param", lambda c: [s["block"]["mixer"].pop("heads") for s in c["model"]["stages"]],
+     "model.stages[0].block.mixer", "missing required key(s) ['heads']"),
+    ("drop path out of range", lambda c: c["model"].update(drop_path_rate=1.5), "model.drop_path_rate",
+     "[0, 1)"),
+    ("input smaller than 32", lambda c: c["model"].update(img_size=16), "model.img_size", "at least 32"),
+    ("width change without downsample", lambda c: c["model"].pop("downsample"), "model.stages[1].dim",
+     "without a downsample"),
+    ("head pool unknown", lambda c: c["model"].update(head={"pool": "median"}), "model.head.pool", "one of"),
+    ("activation not a choice", lambda c: c["model"]["block"].update(act="swish"),
+     "model.stages[0].block.act", "one of"),
+    ("rectangular value malformed", lambda c: c["model"]["block"]["mixer"].update(kernel_size={"h": 3}),
+     "model.stages[0].block.mixer.kernel_size", "{h: ..., w: ...}"),
+]
+
+
+@pytest.mark.parametrize("kind,mutate,keypath,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_config_names_file_and_key(tmp_path, kind, mutate, keypath, words):
+    path = write(tmp_path, edit(mutate))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    err = info.value
+    assert err.file == str(path.resolve()), err
+    assert err.keypath == keypath, str(err)
+    assert words in err.message, str(err)
+    assert str(path.resolve()) in str(err) and keypath in str(err)
+
+
+def test_missing_base(tmp_path):
+    path = write(tmp_path, {"base": "no_such_net", "model": {}})
+    with pytest.raises(ConfigError, match=r"net\.yaml: base: base config 'no_such_net' does not exist"):
+        load_config(path)
+
+
+def test_base_cycle(tmp_path):
+    write(tmp_path, {"base": "b", "model": {}}, "a.yaml")
+    write(tmp_path, {"base": "a", "model": {}}, "b.yaml")
+    with pytest.raises(ConfigError, match=r"base cycle: a.yaml -> b.yaml -> a.yaml"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_not_yaml(tmp_path):
+    path = write(tmp_path, "model: {stages: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"net\.yaml: not valid YAML"):
+        load_config(path)
+
+
+def test_not_a_mapping(tmp_path):
+    path = write(tmp_path, "- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping at top level"):
+        load_config(path)
+
+
+def test_error_in_base_names_the_base_file(tmp_path):
+    parent = write(tmp_path, edit(lambda c: c["model"]["block"]["mixer"].update(kernel_size=4)), "parent.yaml")
+    child = write(tmp_path, {"base": "parent", "model": {"num_classes": 5}}, "child.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_config(child)
+    assert info.value.file == str(parent.resolve()) and "in the base of child.yaml" in str(info.value)
+
+
+def test_unknown_shipped_name():
+    with pytest.raises(ConfigError, match="no such model config"):
+        load_config("nat_gigantic")

@@ -1,0 +1,48 @@
+"""Every registered model, as a user meets it: built by name, measured, run on awkward sizes.
+
+The figures come from each config's ``reference`` block (REFERENCE.md's code column): parameter
+counts must be exact and GMACs within 3%, both counted on the meta device.
+"""
+import pytest
+import timm
+import torch
+
+import zoo
+from zoo.config import load_config
+from zoo.measure import measure
+from zoo.registration import REGISTERED
+
+NAMES = zoo.list_models()
+SIZES = [(32, 32), (65, 97), (224, 224), (300, 200)]
+
+
+def test_every_config_is_registered_with_timm():
+    assert len(NAMES) >= 12
+    for name in NAMES:
+        assert name.startswith("zoo_") and timm.is_model(name)
+        assert timm.models.get_pretrained_cfg(name).input_size == (3, 224, 224)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_params_and_gmacs_match_reference(name):
+    ref = load_config(REGISTERED[name]).reference
+    params, gmacs = measure(name)
+    assert params == ref["params"], f"{name}: {params:,} params, reference code has {ref['params']:,}"
+    assert abs(gmacs - ref["gmacs"]) <= 0.03 * ref["gmacs"], f"{name}: {gmacs:.3f} GMACs vs {ref['gmacs']}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_any_input_size_runs(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=7).eval()
+    for h, w in SIZES:
+        with torch.no_grad():
+            feats = model.forward_intermediates(torch.randn(1, 3, h, w), intermediates_only=True)
+            logits = model(torch.randn(1, 3, h, w))
+        assert logits.shape == (1, 7) and torch.isfinite(logits).all(), (name, h, w)
+        for f, info in zip(feats, model.feature_info):
+            stride = info["reduction"]
+            assert f.shape[1] == info["num_chs"]
+            # Every stride-2 step rounds up (padding), so a stage's map is ceil(size / stride).
+            assert f.shape[2:] == (-(-h // stride), -(-w // stride)), (name, h, w, f.shape, stride)
+        assert [i["reduction"] for i in model.feature_info] == [4, 8, 16, 32]

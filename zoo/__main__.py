@@ -1,0 +1,89 @@
+"""``python -m zoo list``: every registered model, measured beside its reference figures.
+
+``python -m zoo list --markdown`` prints the same table as Markdown (the README's model table).
+``python -m zoo forward`` runs one forward pass of every model on a random 224x224 image.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def _rows(names):
+    from zoo.config import load_config
+    from zoo.measure import measure
+    from zoo.registration import REGISTERED
+    for name in names:
+        cfg = load_config(REGISTERED[name], name=name)
+        params, gmacs = measure(name)
+        ref, pub = cfg.reference, cfg.reference.get("published", {})
+        yield dict(name=name, params=params, ref_params=ref.get("params"), gmacs=gmacs,
+                   ref_gmacs=ref.get("gmacs"), pub_params=pub.get("params"), pub_gmacs=pub.get("gmacs"),
+                   top1=pub.get("top1"), source=ref.get("source", ""))
+
+
+def _fmt(v, spec=""):
+    return "-" if v is None else format(v, spec)
+
+
+def cmd_list(args) -> int:
+    import zoo
+    names = [n for n in zoo.list_models() if not args.filter or args.filter in n]
+    header = ["model", "params", "code params", "GMACs", "code GMACs", "published params / GMACs / top-1"]
+    rows = []
+    for r in _rows(names):
+        ok = r["params"] == r["ref_params"] and (r["ref_gmacs"] is None or
+                                                  abs(r["gmacs"] - r["ref_gmacs"]) <= 0.03 * r["ref_gmacs"])
+        rows.append([r["name"], f"{r['params']:,}", _fmt(r["ref_params"], ","), f"{r['gmacs']:.2f}",
+                     _fmt(r["ref_gmacs"], ".2f"),
+                     f"{_fmt(r['pub_params'])} / {_fmt(r['pub_gmacs'])} / {_fmt(r['top1'])}"
+                     + ("" if ok else "  (MISMATCH)")])
+    if args.markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+    else:
+        widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+        for row in [header] + rows:
+            print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+    return 0
+
+
+def cmd_forward(args) -> int:
+    import zoo
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, args.size, args.size)
+    for name in zoo.list_models():
+        if args.filter and args.filter not in name:
+            continue
+        model = zoo.create_model(name).eval()
+        t = time.perf_counter()
+        with torch.no_grad():
+            y = model(x)
+        print(f"{name:24s} logits {tuple(y.shape)}  top class {int(y.argmax())}  "
+              f"{time.perf_counter() - t:6.2f} s on {x.shape[2]}x{x.shape[3]}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m zoo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pl = sub.add_parser("list", help="every registered model with params and GMACs beside the published figures")
+    pl.add_argument("--markdown", action="store_true")
+    pl.add_argument("--filter", default="", help="only names containing this")
+    pl.set_defaults(fn=cmd_list)
+    pf = sub.add_parser("forward", help="one forward pass of every model on a random image")
+    pf.add_argument("--size", type=int, default=224)
+    pf.add_argument("--filter", default="")
+    pf.set_defaults(fn=cmd_forward)
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
