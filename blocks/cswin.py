@@ -52,7 +52,7 @@ class CSWinAttention(QKVAttention):
                                      f"{params['heads']} is odd")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
+        H, W = x.shape[1:3]
         q, k, v = self.split_qkv(x)
         if self.full:
             out = self._attend(q, k, v, (H, W), 0)

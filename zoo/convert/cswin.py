@@ -20,7 +20,8 @@ def convert_cswin(sd: dict, model) -> dict:
         (r"^stage1_conv_embed\.0\.", "stem.proj."),
         (r"^stage1_conv_embed\.2\.", "stem.norm."),
         (r"^merge(\d)\.", lambda m: f"stages.{m.group(1)}.downsample."),
-        (r"^stage(\d)\.(\d+)\.(qkv|proj)\.", lambda m: f"stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}.mixer.{m.group(3)}."),
+        (r"^stage(\d)\.(\d+)\.(qkv|proj)\.",
+         lambda m: f"stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}.mixer.{m.group(3)}."),
         (r"^stage(\d)\.(\d+)\.", lambda m: f"stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}."),
         (r"^head\.(weight|bias)$", r"head.fc.\1"),
     ]
@@ -28,7 +29,7 @@ def convert_cswin(sd: dict, model) -> dict:
     for k, v in rename(sd, rules).items():
         m = re.match(r"^(.*\.blocks\.\d+)\.attns\.(\d)\.get_v\.(weight|bias)$", k)
         if m:
-            lepe.setdefault((f"{m.group(1)}.mixer.lepe.{m.group(3)}"), {})[int(m.group(2))] = v
+            lepe.setdefault(f"{m.group(1)}.mixer.lepe.{m.group(3)}", {})[int(m.group(2))] = v
         else:
             out[k] = v
     for k, parts in lepe.items():
