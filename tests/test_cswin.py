@@ -1,0 +1,126 @@
+"""CSWin Transformer: sizes, any input size, feature strides, and equal outputs to the authors' code.
+
+The golden fixture tests/fixtures/cswin_tiny_golden.json was produced once, outside the repository,
+by the authors' code (microsoft/CSWin-Transformer at commit f111ae2, run on a CPU in fp32):
+
+* ``keys``: the ordered (name, shape) list of ``CSWin_64_12211_tiny_224().state_dict()``
+  (models/cswin.py), i.e. the key names of their released checkpoints.
+* Their model loaded the state dict that ``golden_state_dict(keys)`` below builds (every tensor
+  seeded by its index in that list, so no file of weights needs to be kept).
+* ``logits_224``: their classification model's logits for ``golden_input((1, 3, 224, 224))``.
+* ``logits_131x150``: their segmentation backbone (segmentation/backbone/cswin_transformer.py,
+  ``CSWin(embed_dim=64, depth=[1, 2, 21, 1], split_size=[1, 2, 7, 7], num_heads=[2, 4, 8, 16])``,
+  loaded with the same state dict, its per-stage output norms replaced by identities) at
+  ``golden_input((1, 3, 131, 150))``, its last-stage tokens then through the classification
+  model's own ``norm``, mean and ``head`` (what their classifier computes, which itself only runs at
+  its construction size). Stage 3 there is 9x10 with 7-wide stripes: several stripes per axis and
+  a pad of 5 and 4, so it checks the centred zero padding and the per-stripe LePE at the borders.
+
+Here the same state dict is written as .safetensors and loaded the way a user loads the authors'
+checkpoint, through the converter.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import zoo  # noqa: F401  (registers the zoo_ models with timm)
+from zoo.config import load_config
+from zoo.measure import measure
+
+VARIANTS = ["cswin_tiny", "cswin_small", "cswin_base"]
+FIXTURE = Path(__file__).parent / "fixtures" / "cswin_tiny_golden.json"
+
+
+def golden_state_dict(keys):
+    """Deterministic weights for the authors' key list: tensor ``i`` is drawn after
+    ``torch.manual_seed(i)``. Weights of two or more dims ~ N(0, 1/fan_in) so attention is far
+    from uniform; 1-D ``.weight`` (the LayerNorms) 1 + N(0, 0.1^2); biases N(0, 0.02^2)."""
+    sd = {}
+    for i, (name, shape) in enumerate(keys):
+        torch.manual_seed(i)
+        v = torch.randn(shape, dtype=torch.float32)
+        if name.endswith(".weight") and len(shape) >= 2:
+            fan_in = 1
+            for n in shape[1:]:
+                fan_in *= n
+            v = v / fan_in ** 0.5
+        elif name.endswith(".weight"):
+            v = 1 + 0.1 * v
+        else:
+            v = 0.02 * v
+        sd[name] = v
+    return sd
+
+
+def golden_input(shape):
+    g = torch.Generator().manual_seed(1234)
+    return torch.randn(shape, generator=g, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_params_and_gmacs(name):
+    ref = load_config(name).reference
+    params, gmacs = measure("zoo_" + name)
+    assert params == ref["params"]
+    assert abs(gmacs - ref["gmacs"]) / ref["gmacs"] < 0.03, (gmacs, ref["gmacs"])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return timm.create_model("zoo_cswin_tiny").eval()
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (65, 97), (224, 224), (300, 200)])
+def test_any_input_size(tiny, hw):
+    with torch.no_grad():
+        out = tiny(torch.randn(1, 3, *hw))
+    assert out.shape == (1, 1000)
+    assert torch.isfinite(out).all()
+
+
+def test_features_only_strides():
+    m = timm.create_model("zoo_cswin_tiny", features_only=True, out_indices=(0, 1, 2, 3)).eval()
+    assert m.feature_info.reduction() == [4, 8, 16, 32]
+    assert m.feature_info.channels() == [64, 128, 256, 512]
+    with torch.no_grad():
+        feats = m(torch.randn(1, 3, 128, 96))
+    assert [tuple(f.shape[1:]) for f in feats] == [(64, 32, 24), (128, 16, 12), (256, 8, 6), (512, 4, 3)]
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory):
+    from safetensors.torch import save_file
+    fixture = json.loads(FIXTURE.read_text())
+    keys = [(k, tuple(s)) for k, s in fixture["keys"]]
+    path = tmp_path_factory.mktemp("cswin") / "cswin_tiny_authors.safetensors"
+    save_file(golden_state_dict(keys), str(path))
+    model = timm.create_model("zoo_cswin_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    return fixture, model.eval()
+
+
+def test_golden_logits_224(golden):
+    fixture, model = golden
+    with torch.no_grad():
+        logits = model(golden_input((1, 3, 224, 224)))
+    want = torch.tensor(fixture["logits_224"]).reshape(logits.shape)
+    torch.testing.assert_close(logits, want, atol=1e-4, rtol=0)
+
+
+def test_golden_logits_131x150(golden):
+    """Stripe padding (centred, unmasked zero tokens) and per-stripe LePE at a size no stripe divides."""
+    fixture, model = golden
+    with torch.no_grad():
+        logits = model(golden_input((1, 3, 131, 150)))
+    want = torch.tensor(fixture["logits_131x150"]).reshape(logits.shape)
+    torch.testing.assert_close(logits, want, atol=1e-4, rtol=0)
+
+
+def test_odd_heads_rejected():
+    from zoo.errors import ConfigError
+    raw = load_config("cswin_tiny").raw
+    raw["model"]["stages"][1]["block"]["mixer"]["heads"] = 3
+    with pytest.raises(ConfigError, match="heads"):
+        load_config(raw)
