@@ -118,13 +118,11 @@ def routed_attention(
     q = _to_regions(query, rh, rw)  # (B, R, T, heads, D)
     k = _to_regions(key, rh, rw)
     v = _to_regions(value, rh, rw)
-    topk = region_index.shape[2]
     batch = torch.arange(b, device=query.device)[:, None, None]
     index = region_index.long()
     # (B, R, topk, T, heads, D) -> (B, R, topk*T, heads, D): the keys of each query region.
     k_sel = k[batch, index].flatten(2, 3)
     v_sel = v[batch, index].flatten(2, 3)
-    assert k_sel.shape[2] == topk * rh * rw
 
     # Softmax statistics in at least fp32 (as na2d); matmuls stay in the input dtype.
     acc = torch.promote_types(query.dtype, torch.float32)
