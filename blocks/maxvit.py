@@ -11,7 +11,13 @@ Follows timm's ``maxvit_*_tf`` models, which are ports of the authors' TensorFlo
   a 2x2 average pool and a biased 1x1 conv where the width changes.
 * block attention: blocked windows of ``window_size`` (the zoo's ``window`` mixer, unshifted);
   grid attention (below): a ``grid_size`` x ``grid_size`` grid of tokens spread over the whole map,
-  which is blocked attention with dilation ``H / grid_size``.
+  which is blocked attention with dilation ``H / grid_size``. timm fixes both at 7 in every stage
+  (img_size // 32), so grid attention at 224 has dilations 8, 4, 2, 1.
+* Sizes: timm and the TF code reject maps that are not multiples of the window/grid, and the
+  authors' repository (google-research/maxvit) holds classification only. Both mixers zero-pad
+  the map at the bottom/right to the next multiple (padded tokens are keys, as in Swin's
+  detection code) and crop; an axis no longer than the window/grid is one window over the whole
+  axis. Convolutions and the shortcut pool use TF's 'SAME' rule: a stride-2 step gives ceil(H/2).
 
 The stride-2 MBConv that opens every stage is the stage's downsampler (``downsample: {type:
 mbconv}``): it sets ``replaces_first_block`` so the stage does not build the first unit's own MBConv.
