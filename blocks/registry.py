@@ -15,7 +15,7 @@ KINDS = ("stem", "downsample", "block", "mixer", "norm", "context")
 # Parameters every class of a kind receives from the builder, not from the config file.
 INJECTED = {
     "stem": {"in_chans", "out_dim"},
-    "downsample": {"in_dim", "out_dim"},
+    "downsample": {"in_dim", "out_dim", "drop_path"},  # drop_path: only if replaces_first_block
     "block": {"dim", "drop_path"},
     "mixer": {"dim"},
     "norm": {"dim"},

@@ -25,10 +25,16 @@ class Stage(nn.Module):
 
     def __init__(self, cfg: StageConfig, in_dim: int, drop_paths: List[float]):
         super().__init__()
-        self.downsample = build("downsample", cfg.downsample, in_dim=in_dim, out_dim=cfg.dim)
+        # A downsampler with ``replaces_first_block`` is the stage's first block run at stride 2
+        # (MaxViT's MBConv): it takes that block's place and drop-path rate.
+        fused = cfg.downsample is not None and getattr(
+            lookup("downsample", cfg.downsample["type"]), "replaces_first_block", False)
+        self.downsample = build("downsample", cfg.downsample, in_dim=in_dim, out_dim=cfg.dim,
+                                **({"drop_path": drop_paths[0]} if fused else {}))
         self.context = build("context", cfg.context, dim=cfg.dim)
         blocks = []
-        for unit, dp in zip(cfg.units, drop_paths):
+        for i, (unit, dp) in enumerate(zip(cfg.units, drop_paths)):
+            unit = unit[1:] if fused and i == 0 else unit
             blocks += [build("block", spec, dim=cfg.dim, drop_path=dp) for spec in unit]
         self.blocks = nn.ModuleList(blocks)
         self.grad_checkpointing = False
@@ -79,7 +85,8 @@ class Backbone(nn.Module):
         total = sum(s.depth for s in cfg.stages)
         # Plain floats, not torch.linspace: models are also built on the meta device to be measured.
         rates = [drop_path_rate * i / (total - 1) for i in range(total)] if total > 1 else [0.0] * total
-        stages, in_dim, start = [], cfg.stages[0].dim, 0
+        # A stem may set its own width (``width`` key, e.g. MaxViT's 64 channels before 96-wide stages).
+        stages, in_dim, start = [], cfg.stem.get("width") or cfg.stages[0].dim, 0
         self.feature_info = []
         for i, s in enumerate(cfg.stages):
             stages.append(Stage(s, in_dim, rates[start:start + s.depth]))
@@ -94,9 +101,13 @@ class Backbone(nn.Module):
         if head["norm"] is not None or head["hidden_size"]:
             norm_spec = dict(head["norm"] or {"type": "layernorm2d"})
             norm_cls = lookup("norm", norm_spec.pop("type"))
+
+            def head_norm(dim, device=None, dtype=None):  # timm passes device/dtype; zoo norms take neither
+                return norm_cls(dim, **norm_spec).to(device=device, dtype=dtype)
+
             self.head = NormMlpClassifierHead(
                 self.num_features, self.num_classes, hidden_size=head["hidden_size"], pool_type=global_pool,
-                drop_rate=drop_rate, norm_layer=partial(norm_cls, **norm_spec), act_layer=head["hidden_act"])
+                drop_rate=drop_rate, norm_layer=head_norm, act_layer=head["hidden_act"])
         else:
             self.head = ClassifierHead(self.num_features, self.num_classes, pool_type=global_pool,
                                        drop_rate=drop_rate)

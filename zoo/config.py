@@ -475,6 +475,9 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path])
             ds = None
             if s > 0 and prev_dim != dim:
                 where(f"{sp}.dim", f"changes the width from {prev_dim} to {dim} without a downsample")
+            if s == 0 and stem.get("width") not in (None, dim):  # a stem narrower than stage 0 (MaxViT)
+                where("model.stem.width", f"the stem's width {stem['width']} differs from the first stage's "
+                                          f"dim {dim}, and that stage has no downsample to change it")
         size = (-(-img_size[0] // reduction), -(-img_size[1] // reduction))
         ctx = {"dim": dim, "input_size": size, "stage": s, "img_size": img_size}
         unit_raw, unit_path = _stage_blocks(m.get("block"), st.get("block"), sp)
@@ -484,6 +487,13 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path])
         for i in range(depth):
             units.append([validate_spec("block", spec, f"{unit_path}[{u}]" if len(unit_raw) > 1 else unit_path,
                                         ctx, depth, i, where_at) for u, spec in enumerate(unit_raw)])
+        stands_for = ds and getattr(registry.lookup("downsample", ds["type"]), "replaces_first_block", None)
+        if stands_for:  # the downsampler is the first unit's first block at stride 2 (MaxViT's MBConv)
+            if units[0][0]["type"] != stands_for:
+                where(ds_path, f"downsample {ds['type']!r} stands in for the stage's first block, which must "
+                               f"be a {stands_for!r} block, not {units[0][0]['type']!r}")
+            if depth == 1 and len(units[0]) == 1:
+                where(ds_path, f"downsample {ds['type']!r} replaces the stage's only block")
         context = validate_spec("context", st.get("context"), f"{sp}.context", ctx, where=where_at)
         stages.append(StageConfig(depth, dim, units, ds, context, reduction, size))
         prev_dim = dim
