@@ -9,7 +9,9 @@ changes replaces the base spec instead of merging with it.
 Validation reads each registered class's ``__init__`` signature (see blocks/registry.py), so a new
 block type needs no edit here. A list given to a parameter whose annotation is not a sequence is a
 per-block cycle over the stage (DiNAT's ``dilation: [1, 8, 1]``, Swin's ``shift: [false, true]``);
-its length must divide the stage depth. For per-axis (``Pair``) parameters a list is always such
+it repeats over the blocks, and its last repetition may be cut short (GC-ViT's local/global
+``[false, true]`` over a stage of 3 or 19 blocks), but it must not be longer than the stage depth.
+For per-axis (``Pair``) parameters a list is always such
 a cycle, and a rectangular value is written ``{h: 7, w: 9}``.
 """
 from __future__ import annotations
@@ -255,9 +257,9 @@ def _pick(raw, ann, depth: int, index: int):
         return raw, ""
     if not raw:
         raise _Fail("", "a per-block list must not be empty")
-    if depth % len(raw) != 0:
-        raise _Fail("", f"per-block list of length {len(raw)} does not divide the stage depth {depth} "
-                        f"(write one value per block, or a pattern whose length divides the depth)")
+    if len(raw) > depth:
+        raise _Fail("", f"per-block list of length {len(raw)} is longer than the stage depth {depth} "
+                        f"(write one value per block, or a shorter pattern that repeats)")
     j = index % len(raw)
     return raw[j], f"[{j}]"
 
