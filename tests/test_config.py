@@ -61,6 +61,11 @@ def test_shipped_variants_inherit():
     assert [u[0]["mixer"]["shift"] for u in swin.stages[2].units] == [False, True] * 3
 
 
+def test_cycle_repeats_and_may_be_cut_short(tmp_path):
+    path = write(tmp_path, edit(lambda c: _stage0(c).update(depth=3)))
+    assert [u[0]["mixer"]["dilation"] for u in load_config(path).stages[0].units] == [1, 2, 1]
+
+
 def test_null_removes_inherited_key(tmp_path):
     parent = edit(lambda c: c["model"]["block"].update(layer_scale=1e-5))
     write(tmp_path, parent, "parent.yaml")
@@ -94,8 +99,8 @@ BAD = [
     ("even kernel size", lambda c: c["model"]["block"]["mixer"].update(kernel_size=4),
      "model.stages[0].block.mixer.kernel_size", "odd"),
     ("negative depth", lambda c: _stage0(c).update(depth=-1), "model.stages[0].depth", "positive"),
-    ("cycle does not divide depth", lambda c: _stage0(c)["block"]["mixer"].update(dilation=[1, 2, 1]),
-     "model.stages[0].block.mixer.dilation", "does not divide the stage depth"),
+    ("cycle longer than the stage", lambda c: _stage0(c)["block"]["mixer"].update(dilation=[1, 2, 1]),
+     "model.stages[0].block.mixer.dilation", "longer than the stage depth 2"),
     ("dilation too large for the input", lambda c: _stage0(c)["block"]["mixer"].update(dilation=[1, 8]),
      "model.stages[0].block.mixer.dilation[1]", "exceeds"),
     ("missing stages", lambda c: c["model"].pop("stages"), "model.stages", "non-empty list"),
