@@ -453,7 +453,15 @@ def load_for_eval(model: str, checkpoint=None, ema: Optional[bool] = None):
         dc = meta.get("data_config")
         return net, ({k: tuple(v) if isinstance(v, list) else v for k, v in dc.items()} if dc else None), meta
     if checkpoint is not None:
-        net = build_model(model, pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
+        # a weights file: its classifier says how many classes the model has
+        from zoo.checkpoint import read_state_dict
+        sd = read_state_dict(checkpoint)
+        probe = build_model(model, pretrained=False) if not is_zoo(model) else None
+        head = (probe.pretrained_cfg.get("classifier") if probe is not None else "head.fc") or "head.fc"
+        head = head[0] if isinstance(head, (list, tuple)) else head
+        n = sd[f"{head}.weight"].shape[0] if f"{head}.weight" in sd else None
+        net = build_model(model, pretrained=True, num_classes=n,
+                          pretrained_cfg_overlay=dict(file=str(checkpoint), state_dict=sd, num_classes=n))
         return net, None, None
     return build_model(model, pretrained=not is_zoo(model)), None, None
 
