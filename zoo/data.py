@@ -40,7 +40,9 @@ class SeededDataset(Dataset):
         try:
             random.seed(s)
             np.random.seed(s % (2 ** 32))
-            torch.manual_seed(s)
+            # the CPU generator only: torch.manual_seed also queues a CUDA reseed that records a
+            # stack trace per call (slow, and the transforms run on the CPU anyway)
+            torch.default_generator.manual_seed(s)
             return self.dataset[index]
         finally:
             random.setstate(py)
