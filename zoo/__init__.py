@@ -9,6 +9,8 @@ from zoo.registration import create_model, list_models, register_all
 
 register_all()
 
+from zoo.hub import push_to_hub, save_pretrained  # noqa: E402  (needs the registered models)
+
 __all__ = ["Backbone", "CheckpointError", "ConfigError", "ModelConfig", "create_model", "list_models",
-           "load_config"]
+           "load_config", "push_to_hub", "save_pretrained"]
 __version__ = "0.1.0"

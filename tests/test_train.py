@@ -1,0 +1,425 @@
+"""train.py / eval.py engine: recipes, exact resume, atomic checkpoints, distributed equivalence,
+metrics and plots, evaluation, benchmarking, hub export. Short runs of the tiny zoo_nat_demo on a
+few random 32x32 images; every run is a handful of optimizer steps on a CPU."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import zoo
+from zoo import snapshot
+from zoo.engine import NonFiniteLossError, evaluate_folder, train
+from zoo.errors import CheckpointError, ConfigError
+from zoo.recipe import list_recipes, load_recipe, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER_RECIPES = ["nat_tiny", "dinat_tiny", "swin_tiny", "cswin_tiny", "litv2_small", "maxvit_tiny", "gcvit_tiny",
+                 "biformer_tiny", "fastervit_0"]
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """3 classes x (8 train + 3 val) random 32x32 images, each class with its own mean colour."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 3)):
+        for c in range(3):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                base = np.zeros((32, 32, 3)) + 60 + 70 * c
+                img = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+def tiny(folder, **extra):
+    """The demo recipe cut down to a few steps on the tiny folder (24 train images, batch 4)."""
+    sets = {"data.root": str(folder), "train.batch_size": 4, "train.epochs": 2, "train.progress": False,
+            "schedule.warmup_epochs": 0, "runtime.threads": 1, "runtime.deterministic": True,
+            "train.log_every": 1, "output.plot": False}
+    sets.update(extra)
+    return load_recipe(ROOT / "configs/train/demo.yaml", sets)
+
+
+def weights(run_dir):
+    return snapshot.read_weights((Path(run_dir) / "last").resolve())
+
+
+# ------------------------------------------------------------------------------------------ recipes
+
+
+@pytest.mark.parametrize("name", PAPER_RECIPES + ["demo"])
+def test_shipped_recipes_validate(name):
+    r = load_recipe(ROOT / "configs/train" / f"{name}.yaml")
+    assert r.name == name
+    if name != "demo":
+        assert r.model.name == f"zoo_{name}"
+        assert r.train.epochs >= 300 and r.train.batch_size >= 1024
+        assert r.reference and r.reference.get("source"), "paper recipes cite where their numbers come from"
+    assert r.lr() > 0
+
+
+def test_every_shipped_recipe_is_tested():
+    assert set(list_recipes()) == set(PAPER_RECIPES + ["demo"])
+
+
+def test_lr_scales_with_batch():
+    r = load_recipe(ROOT / "configs/train/swin_tiny.yaml")
+    assert r.lr() == pytest.approx(1e-3)  # 5e-4 per 512 at 1024
+    r2 = load_recipe(ROOT / "configs/train/swin_tiny.yaml", {"train.batch_size": 256})
+    assert r2.lr() == pytest.approx(2.5e-4)
+    assert load_recipe(ROOT / "configs/train/swin_tiny.yaml", {"optimizer.lr": 0.01}).lr() == 0.01
+
+
+@pytest.mark.parametrize("text, key, words", [
+    ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8, epoch: 3}", "train.epoch", "unknown key"),
+    ("model: {name: zoo_nat_tiny}\ntrain: {epochs: one, batch_size: 8}", "train.epochs", "expected int"),
+    ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8}\nruntime: {amp: fp8}", "runtime.amp",
+     "bf16, fp16"),
+    ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8}\naugment: {hflip: 1.5}", "augment.hflip",
+     "probability"),
+    ("train: {epochs: 1, batch_size: 8}", "model", "missing required key 'model.name'"),
+    ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 7}", "train.batch_size", "even"),
+    ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8, accum_steps: 3}", "train.accum_steps",
+     "divide"),
+    ("model: {name: zoo_nat_tiny}\noptimiser: {lr: 1}\ntrain: {epochs: 1, batch_size: 8}", "optimiser",
+     "unknown key"),
+])
+def test_recipe_errors_name_file_and_key(tmp_path, text, key, words):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_recipe(f)
+    assert str(f) in str(e.value) and key in str(e.value) and words in str(e.value)
+
+
+def test_set_overrides_are_checked():
+    demo = ROOT / "configs/train/demo.yaml"
+    assert parse_overrides(["optimizer.lr=1e-3", "ema.enabled=true"]) == {"optimizer.lr": "1e-3",
+                                                                          "ema.enabled": True}
+    assert load_recipe(demo, ["optimizer.lr=1e-3"]).optimizer.lr == 1e-3  # YAML's 1e-3 string is a number
+    with pytest.raises(ConfigError, match=r"--set: train.batch_size: expected int"):
+        load_recipe(demo, ["train.batch_size=big"])
+    with pytest.raises(ConfigError, match="unknown section"):
+        load_recipe(demo, ["trian.epochs=3"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_recipe(demo, ["epochs"])
+
+
+def test_recipe_base_inherits(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text(f"base: {ROOT / 'configs/train/nat_tiny.yaml'}\nmodel: {{name: zoo_nat_mini}}\n")
+    r = load_recipe(f)
+    assert r.model.name == "zoo_nat_mini" and r.train.epochs == 300 and r.optimizer.weight_decay == 0.05
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+@pytest.fixture(scope="module")
+def trained(folder, tmp_path_factory):
+    """A 2-epoch run (12 updates) with EMA, metrics and the plot."""
+    out = tmp_path_factory.mktemp("run")
+    s = train(tiny(folder, **{"output.plot": True, "ema.enabled": True, "ema.decay": 0.9}), out_dir=out)
+    return out, s
+
+
+def test_run_writes_checkpoints_metrics_and_plot(trained):
+    out, s = trained
+    assert s["num_updates"] == 12
+    snap = (out / "best").resolve()
+    files = {p.name for p in snap.iterdir()}
+    assert {"model.safetensors", "model_ema.safetensors", "model.yaml", "meta.json", "train_state.pt"} <= files
+    meta = json.loads((snap / "meta.json").read_text())
+    assert meta["architecture"] == "zoo_nat_demo" and meta["classes"] == ["class0", "class1", "class2"]
+    assert meta["num_classes"] == 3
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["kind"] == "train" for r in rows) == 12
+    val = [r for r in rows if r["kind"] == "val"]
+    assert len(val) == 2 and {"top1", "top5", "loss", "ema_top1"} <= set(val[0])
+    assert (out / "curves.png").stat().st_size > 1000
+    # the saved model YAML rebuilds the model without the recipe
+    net = zoo.create_model(str(snap / "model.yaml"))
+    snapshot.load_into(net, snapshot.read_weights(snap), "test")
+    assert net.num_classes == 3
+
+
+def test_plot_skipped_with_warning_without_matplotlib(trained, monkeypatch, tmp_path):
+    import builtins
+    real = builtins.__import__
+
+    def no_mpl(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    from zoo.metrics import plot_curves
+    with pytest.warns(UserWarning, match="matplotlib"):
+        assert plot_curves(trained[0] / "metrics.jsonl", tmp_path / "x.png") is None
+
+
+def test_resume_continues_exactly(folder, tmp_path):
+    # augmentation, mixup, drop path and label smoothing all on: every RNG stream must be restored
+    extra = {"augment.mixup": 0.8, "augment.cutmix": 1.0, "augment.reprob": 0.25, "model.drop_path_rate": 0.1,
+             "train.epochs": 3}
+    # 6 updates per epoch: stop at 4 (mid-epoch) vs 2 + resume + 2
+    train(tiny(folder, **{"train.max_steps": 4, **extra}), out_dir=tmp_path / "a")
+    train(tiny(folder, **{"train.max_steps": 2, **extra}), out_dir=tmp_path / "b")
+    train(tiny(folder, **{"train.max_steps": 4, **extra}), out_dir=tmp_path / "b", resume="auto")
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    sa = snapshot.read_train_state((tmp_path / "a/last").resolve())
+    sb = snapshot.read_train_state((tmp_path / "b/last").resolve())
+    assert sa["num_updates"] == sb["num_updates"] == 4
+    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert torch.equal(pa["exp_avg"], pb["exp_avg"])
+
+
+def test_crash_mid_save_keeps_last_good(folder, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(tiny(folder, **{"train.max_steps": 2}), out_dir=out)
+    good = (out / "last").resolve()
+    before = weights(out)
+    real = snapshot.atomic_write_bytes
+
+    def crash(path, data):
+        if Path(path).name == snapshot.STATE:
+            real(path, data[: len(data) // 2])  # half written...
+            raise OSError("disk full")  # ...then the process dies
+        return real(path, data)
+
+    monkeypatch.setattr(snapshot, "atomic_write_bytes", crash)
+    with pytest.raises(OSError, match="disk full"):
+        train(tiny(folder, **{"train.max_steps": 4}), out_dir=out, resume="auto")
+    assert (out / "last").resolve() == good
+    after = weights(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert snapshot.read_train_state(good)["num_updates"] == 2
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
+    f = tmp_path / "x.bin"
+    snapshot.atomic_write_bytes(f, b"good")
+
+    def boom(fd):
+        raise OSError("fsync failed")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError):
+        snapshot.atomic_write_bytes(f, b"bad")
+    assert f.read_bytes() == b"good" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_truncated_or_foreign_checkpoint_is_a_clear_error(folder, trained, tmp_path):
+    import shutil
+    src = (trained[0] / "last").resolve()
+    bad = tmp_path / "run"
+    shutil.copytree(trained[0], bad, symlinks=True)
+    snap = (bad / "last").resolve()
+    w = snap / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        train(tiny(folder), out_dir=bad, resume="auto")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        evaluate_folder("zoo_nat_demo", folder, checkpoint=snap, ema=False, progress=False)
+    st = snap / "train_state.pt"
+    st.write_bytes(st.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match="train_state.pt"):
+        snapshot.read_train_state(snap)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "meta.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(CheckpointError, match="not a zoo training checkpoint"):
+        train(tiny(folder), out_dir=tmp_path / "x", resume=str(foreign))
+    (foreign / "meta.json").write_text("{trunc")
+    with pytest.raises(CheckpointError, match="truncated"):
+        snapshot.read_meta(foreign)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(tiny(folder), out_dir=tmp_path / "y", resume=str(tmp_path / "nowhere"))
+    # weights of another architecture
+    with pytest.raises(CheckpointError, match="checkpoint is of 'zoo_nat_demo'"):
+        train(tiny(folder, **{"model.name": "zoo_nat_mini", "data.img_size": 32}), out_dir=tmp_path / "z",
+              resume=str(src))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good(folder, tmp_path, monkeypatch):
+    import zoo.engine as engine
+    real = engine._criterion
+    calls = {"n": 0}
+
+    def poisoned(recipe, mixup_on):
+        base = real(recipe, mixup_on)
+
+        def loss(out, target):
+            calls["n"] += 1
+            val = base(out, target)
+            return val * float("nan") if calls["n"] >= 3 else val
+        return loss
+
+    monkeypatch.setattr(engine, "_criterion", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 1, update 3.*update-00000002"):
+        train(tiny(folder, **{"train.save_every_steps": 1}), out_dir=out)
+    w = weights(out)
+    assert all(torch.isfinite(v).all() for v in w.values())
+    assert snapshot.read_train_state((out / "last").resolve())["num_updates"] == 2
+
+
+def test_cli_reports_config_errors(capsys, folder):
+    mod = _load_script("train")
+    assert mod.main([str(ROOT / "configs/train/demo.yaml"), "--set", "train.epochs=-1"]) == 1
+    err = capsys.readouterr().err
+    assert "--set: train.epochs: must be positive" in err
+
+
+# ------------------------------------------------------------------------------------------ distributed
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(folder, tmp_path):
+    """2 gloo processes with half the batch each == 1 process with the whole batch (no dropout-like
+    randomness, so the only difference is the order of the gradient sum). SGD, because Adam's
+    g / sqrt(v) turns rounding noise in near-zero gradients into lr-sized steps (up to ~1e-5 here)."""
+    extra = {"train.max_steps": 3, "model.drop_path_rate": 0.0, "augment.mixup": 0.0, "augment.cutmix": 0.0,
+             "optimizer.name": "sgd", "optimizer.lr": 0.05, "optimizer.clip_grad": None}
+    train(tiny(folder, **extra), out_dir=tmp_path / "one")
+    sets = [f"--set={k}={'null' if v is None else v}" for k, v in {**extra, "data.root": str(folder), "train.batch_size": 4,
+                                           "train.epochs": 2, "schedule.warmup_epochs": 0, "runtime.threads": 1,
+                                           "runtime.deterministic": True, "output.plot": False}.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(ROOT / "train.py"), str(ROOT / "configs/train/demo.yaml"),
+           "--output", str(tmp_path / "two"), "--no-progress", *sets]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    # rank 0 alone wrote: one snapshot per save, one metrics file
+    assert len(list((tmp_path / "two/checkpoints").iterdir())) == 1
+
+
+# ------------------------------------------------------------------------------------------ eval / bench / hub
+
+
+def test_eval_matches_training_validation(trained, folder, capsys):
+    out, s = trained
+    meta = json.loads(((out / "best").resolve() / "meta.json").read_text())
+    m = evaluate_folder("zoo_nat_demo", folder, "val", checkpoint=out / "best", ema=False, progress=False)
+    assert m["count"] == 9
+    assert m["top1"] == pytest.approx(meta["metrics"]["top1"]) and m["loss"] == pytest.approx(meta["metrics"]["loss"])
+    mod = _load_script("eval")
+    assert mod.main(["zoo_nat_demo", "--checkpoint", str(out / "best"), "--data", str(folder), "--json",
+                     "--workers", "0"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["top1"] == pytest.approx(meta["metrics"]["ema_top1"])  # best_weights: the EMA
+
+
+def test_eval_timm_model(folder):
+    import timm  # no network: a timm model with weights of our own, loaded as a file
+    net = timm.create_model("resnet10t", num_classes=3)
+    sd = net.state_dict()
+    f = Path(folder).parent / "r10t.safetensors"
+    from safetensors.torch import save_file
+    save_file(sd, str(f))
+    m = evaluate_folder("resnet10t", folder, "val", checkpoint=f, img_size=32, progress=False)
+    assert m["count"] == 9 and 0 <= m["top1"] <= 100
+
+
+def test_bench_writes_json_and_plot(tmp_path):
+    from zoo.bench import bench
+    out = tmp_path / "bench.json"
+    rows = bench(["zoo_nat_demo", "resnet10t"], batch_size=2, img_size=32, warmup=1, iters=1, out=str(out))
+    assert [r["source"] for r in rows] == ["zoo", "timm"] and all(r["images_per_s"] > 0 for r in rows)
+    assert json.loads(out.read_text())["results"][0]["model"] == "zoo_nat_demo"
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_save_pretrained_loads_with_timm(tmp_path, monkeypatch):
+    import timm
+    model = zoo.create_model("zoo_nat_demo", num_classes=5).eval()
+    d = zoo.save_pretrained(model, tmp_path / "export")
+    assert {"config.json", "model.safetensors", "zoo_model.yaml"} <= {p.name for p in d.iterdir()}
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["architecture"] == "zoo_nat_demo" and cfg["num_classes"] == 5
+    x = torch.randn(2, 3, 32, 32)
+    ref = model(x)
+    a = timm.create_model(f"local-dir:{d}", pretrained=True).eval()
+    torch.testing.assert_close(a(x), ref)
+    # a head of another size than the config's: say so in the overlay, or timm re-initialises it
+    b = timm.create_model("zoo_nat_demo", pretrained=True, num_classes=5,
+                          pretrained_cfg_overlay=dict(file=str(d / "model.safetensors"), num_classes=5)).eval()
+    torch.testing.assert_close(b(x), ref)
+    # hf-hub: timm's download reads the local directory instead of the network
+    import timm.models._hub as hub
+
+    def fake_download(repo_id, filename, **kw):
+        assert repo_id == "someone/nat-demo"
+        return str(d / filename)
+
+    monkeypatch.setattr(hub, "hf_hub_download", fake_download)
+    c = timm.create_model("hf-hub:someone/nat-demo", pretrained=True).eval()
+    torch.testing.assert_close(c(x), ref)
+
+
+def test_push_to_hub_uploads_the_export(tmp_path, monkeypatch):
+    import huggingface_hub
+    seen = {}
+
+    class FakeApi:
+        def __init__(self, token=None, **kw):
+            seen["token"] = token
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            return type("Url", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, revision=None, commit_message=""):
+            seen["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+            seen["repo"] = repo_id
+            return "ok"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    model = zoo.create_model("zoo_nat_demo")
+    assert zoo.push_to_hub(model, "me/nat-demo", token="t") == "ok"
+    assert seen["repo"] == "me/nat-demo" and {"config.json", "model.safetensors"} <= set(seen["files"])
+
+
+def test_digits_demo_data(tmp_path):
+    pytest.importorskip("sklearn")
+    from zoo.demo import write_digits
+    root = write_digits(tmp_path / "digits")
+    train_files = list((root / "train").rglob("*.png"))
+    val_files = list((root / "val").rglob("*.png"))
+    assert len(train_files) + len(val_files) == 1797 and len(val_files) == 360
+    assert sorted(p.name for p in (root / "train").iterdir()) == [str(i) for i in range(10)]
+    assert Image.open(train_files[0]).size == (32, 32)
+    mtime = train_files[0].stat().st_mtime
+    write_digits(root)  # second call: already there, nothing rewritten
+    assert train_files[0].stat().st_mtime == mtime

@@ -1,0 +1,41 @@
+#!/usr/bin/env python
+"""Train a zoo (or timm) model from a recipe.
+
+    python train.py configs/train/demo.yaml
+    python train.py configs/train/nat_tiny.yaml --set data.root=/data/imagenet --set train.batch_size=512
+    torchrun --nproc_per_node 8 train.py configs/train/swin_tiny.yaml --set data.root=/data/imagenet
+    python train.py configs/train/demo.yaml --resume            # continue runs/<recipe>/last
+"""
+import argparse
+import sys
+
+from zoo.engine import NonFiniteLossError, train
+from zoo.errors import CheckpointError, ConfigError
+from zoo.recipe import load_recipe
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="recipe YAML (configs/train/*.yaml) or a shipped recipe name")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe key (value read as YAML); repeatable")
+    p.add_argument("--output", help="run directory (default: output.dir or runs/<recipe name>)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from a checkpoint: a run directory or checkpoint folder "
+                        "(no value: the run directory's last checkpoint)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    try:
+        recipe = load_recipe(a.recipe, a.overrides)
+        summary = train(recipe, out_dir=a.output, resume=a.resume, progress=False if a.no_progress else None)
+    except (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if summary.get("best_checkpoint"):
+        print(f"best checkpoint: {summary['best_checkpoint']}  (val: {summary['last']})")
+    print(f"run directory: {summary['run_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

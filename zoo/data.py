@@ -1,0 +1,162 @@
+"""ImageFolder data for training and evaluation: timm's datasets and transforms, with a sampler
+that makes every run reproducible across resumes, worker counts and numbers of processes.
+
+Each sample's augmentation is seeded from (seed, epoch, index), so the same image gets the same
+crop whichever process or worker loads it, and a run resumed mid-epoch sees the same batches.
+The global batch of update ``u`` is samples ``perm[u*B:(u+1)*B]`` of the epoch's permutation;
+rank ``r`` of ``W`` takes its ``r``-th share of it, so W processes compute the same update as one.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+MIX = 0x9E3779B97F4A7C15
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (((seed * 1_000_003) ^ (epoch * 7919) ^ (index * MIX)) + index) % (2 ** 63)
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset; ``ds[(index, epoch)]`` runs its random transform under a per-sample seed and
+    leaves the caller's random state untouched."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        s = sample_seed(self.seed, epoch, index)
+        py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            random.seed(s)
+            np.random.seed(s % (2 ** 32))
+            # the CPU generator only: torch.manual_seed also queues a CUDA reseed that records a
+            # stack trace per call (slow, and the transforms run on the CPU anyway)
+            torch.default_generator.manual_seed(s)
+            return self.dataset[index]
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+            torch.set_rng_state(th)
+
+
+class UpdateSampler(Sampler):
+    """Yields this rank's micro-batches of ``(index, epoch)`` keys for one epoch.
+
+    ``batch_size`` is the global batch of one optimizer update; it is cut into ``world * accum``
+    equal shares, micro-batch ``a`` of rank ``r`` being share ``a * world + r``. Incomplete last
+    updates are dropped. ``start_update`` skips updates already done (resume mid-epoch).
+    """
+
+    def __init__(self, n: int, batch_size: int, world: int = 1, rank: int = 0, accum: int = 1, seed: int = 0,
+                 shuffle: bool = True):
+        if batch_size % (world * accum):
+            raise ValueError(f"batch size {batch_size} is not divisible by processes x accumulation "
+                             f"steps = {world} x {accum}")
+        self.n, self.batch_size, self.world, self.rank, self.accum = n, batch_size, world, rank, accum
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.start_update = 0, 0
+
+    @property
+    def updates_per_epoch(self) -> int:
+        return self.n // self.batch_size
+
+    def set_epoch(self, epoch: int, start_update: int = 0) -> None:
+        self.epoch, self.start_update = epoch, start_update
+
+    def __len__(self) -> int:
+        return (self.updates_per_epoch - self.start_update) * self.accum
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+        else:
+            perm = list(range(self.n))
+        share = self.batch_size // (self.world * self.accum)
+        for u in range(self.start_update, self.updates_per_epoch):
+            batch = perm[u * self.batch_size:(u + 1) * self.batch_size]
+            for a in range(self.accum):
+                j = a * self.world + self.rank
+                yield [(i, self.epoch) for i in batch[j * share:(j + 1) * share]]
+
+
+class ShardSampler(Sampler):
+    """Evaluation: rank r takes every W-th sample, no padding, so summed counts are exact."""
+
+    def __init__(self, n: int, batch_size: int, world: int = 1, rank: int = 0):
+        self.idx = list(range(rank, n, world))
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.idx) // self.batch_size)
+
+    def __iter__(self):
+        for i in range(0, len(self.idx), self.batch_size):
+            yield [(j, 0) for j in self.idx[i:i + self.batch_size]]
+
+
+def image_folder(root, split: Optional[str] = None, transform=None):
+    """timm's ImageDataset over ``root/split`` (class per sub-folder, sorted)."""
+    from timm.data import ImageDataset
+    path = Path(root) / split if split else Path(root)
+    if not path.is_dir():
+        raise FileNotFoundError(f"image folder {path} does not exist (expected {Path(root)}/<split>/<class>/*.png|jpg)")
+    ds = ImageDataset(str(path), transform=transform)
+    if len(ds) == 0:
+        raise FileNotFoundError(f"image folder {path} has no images")
+    return ds
+
+
+def class_names(ds) -> List[str]:
+    reader = getattr(ds, "reader", None)
+    mapping = getattr(reader, "class_to_idx", None) or {}
+    return [k for k, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
+
+
+def loader(dataset: Dataset, batch_sampler: Sampler, workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    # Its own generator, so creating an iterator never draws from the global RNG (exact resume).
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(0), persistent_workers=False)
+
+
+def data_config(model, img_size=None, crop_pct=None, interpolation=None, mean=None, std=None) -> dict:
+    """timm's data config of the model with the recipe's choices laid over it."""
+    from timm.data import resolve_data_config
+    cfg = resolve_data_config({}, model=model)
+    if img_size:
+        cfg["input_size"] = (cfg["input_size"][0], img_size, img_size)
+    for key, val in (("crop_pct", crop_pct), ("interpolation", interpolation), ("mean", mean), ("std", std)):
+        if val is not None:
+            cfg[key] = tuple(val) if isinstance(val, list) else val
+    cfg["mean"], cfg["std"] = tuple(cfg["mean"]), tuple(cfg["std"])
+    return cfg
+
+
+def eval_transform(cfg: dict):
+    from timm.data import create_transform
+    return create_transform(cfg["input_size"], is_training=False, interpolation=cfg["interpolation"],
+                            mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"],
+                            crop_mode=cfg.get("crop_mode"))
+
+
+def train_transform(cfg: dict, aug: dict, interpolation: str = "random"):
+    from timm.data import create_transform
+    if aug["no_aug"]:
+        return create_transform(cfg["input_size"], is_training=True, no_aug=True,
+                                interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"])
+    return create_transform(
+        cfg["input_size"], is_training=True, scale=tuple(aug["scale"]), ratio=tuple(aug["ratio"]),
+        hflip=aug["hflip"], vflip=aug["vflip"], color_jitter=aug["color_jitter"] or 0.0,
+        auto_augment=aug["auto_augment"], interpolation=interpolation, mean=cfg["mean"], std=cfg["std"],
+        re_prob=aug["reprob"], re_mode=aug["remode"], re_count=aug["recount"])

@@ -1,0 +1,488 @@
+"""The training and evaluation loops behind train.py and eval.py, built from timm's parts
+(create_transform, Mixup, create_optimizer_v2, create_scheduler_v2, ModelEmaV3, dispatch_clip_grad).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo import data as zdata
+from zoo import distributed as zdist
+from zoo import snapshot
+from zoo.errors import CheckpointError
+from zoo.metrics import MetricLog, plot_curves
+from zoo.recipe import Recipe
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def is_zoo(name: str) -> bool:
+    return name.startswith("zoo_") or name.endswith((".yaml", ".yml"))
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """A zoo model (``zoo_`` name or YAML file) or any timm model."""
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if is_zoo(name):
+        from zoo.registration import create_model
+        return create_model(name, **kwargs)
+    import timm
+    return timm.create_model(name, **kwargs)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)
+
+
+def autocast(device: torch.device, amp: Optional[str]):
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: Optional[str] = None,
+             dist: Optional[zdist.Dist] = None, progress: bool = False, desc: str = "eval") -> Dict[str, float]:
+    """Top-1, top-5 (top-k for fewer than 5 classes) and mean cross-entropy over the loader."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top1, top5, count
+    it = loader
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+    for images, target in it:
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(images)
+        logits = logits.float()
+        sums[0] += F.cross_entropy(logits, target, reduction="sum").item()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top.eq(target[:, None])
+        sums[1] += hit[:, 0].sum().item()
+        sums[2] += hit.any(dim=1).sum().item()
+        sums[3] += target.numel()
+    if dist is not None:
+        zdist.all_reduce_sum(sums, dist)
+    model.train(was_training)
+    n = max(sums[3].item(), 1.0)
+    return {"loss": sums[0].item() / n, "top1": 100.0 * sums[1].item() / n, "top5": 100.0 * sums[2].item() / n,
+            "count": int(sums[3].item())}
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _criterion(recipe: Recipe, mixup_on: bool):
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    if mixup_on:
+        return SoftTargetCrossEntropy()  # Mixup makes the smoothed soft targets
+    if recipe.augment.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=recipe.augment.label_smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def _seed_all(seed: int) -> None:
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = None) -> dict:
+    """Run a recipe. Returns a summary (final/best metrics, run directory, paths)."""
+    from timm.data import Mixup
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3, dispatch_clip_grad
+
+    R = recipe
+    rt, tr, aug, opt_cfg, sch = R.runtime, R.train, R.augment, R.optimizer, R.schedule
+    dist = zdist.setup(rt.device)
+    device = dist.device
+    try:
+        if rt.threads:
+            torch.set_num_threads(rt.threads)
+        elif dist.enabled and device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size))
+        if rt.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        run_dir = Path(out_dir or R.output.dir or Path("runs") / R.name)
+        show = dist.is_main and (tr.progress if progress is None else progress)
+
+        # ---- data
+        if not R.data.root:
+            raise FileNotFoundError("data.root is not set: give an ImageFolder root with train/ and val/ "
+                                    "(--set data.root=PATH)")
+        train_raw = zdata.image_folder(R.data.root, R.data.train_split)
+        classes = zdata.class_names(train_raw)
+        val_raw = None
+        if R.data.val_split and (Path(R.data.root) / R.data.val_split).is_dir():
+            val_raw = zdata.image_folder(R.data.root, R.data.val_split)
+        num_classes = R.model.num_classes or len(classes)
+
+        # ---- model (same seed on every rank; DDP also broadcasts rank 0's weights)
+        _seed_all(tr.seed)
+        overrides = {"num_classes": num_classes, "drop_path_rate": R.model.drop_path_rate,
+                     "drop_rate": R.model.drop_rate}
+        model_name = R.model_path()
+        model = build_model(model_name, **overrides)
+        if R.model.pretrained_file:
+            from zoo.checkpoint import read_state_dict
+            sd = read_state_dict(R.model.pretrained_file)
+            head = [k for k in sd if k.startswith("head.fc.")]
+            if head and sd[head[0]].shape[0] != num_classes:
+                sd = {k: v for k, v in sd.items() if not k.startswith("head.fc.")}
+            model.load_state_dict(sd, strict=False)
+        model_yaml = None
+        if hasattr(model, "cfg") and getattr(model.cfg, "raw", None):
+            model_yaml = snapshot.model_yaml(model.cfg.raw, {k: v for k, v in overrides.items()})
+        architecture = model.pretrained_cfg.get("architecture", model_name) if hasattr(model, "pretrained_cfg") \
+            else model_name
+        dcfg = zdata.data_config(model, R.data.img_size, R.data.crop_pct, R.data.interpolation, R.data.mean,
+                                 R.data.std)
+        train_interp = R.data.train_interpolation
+        train_set = zdata.SeededDataset(train_raw, tr.seed)
+        train_raw.transform = zdata.train_transform(dcfg, aug, train_interp)
+        val_set = None
+        if val_raw is not None:
+            val_raw.transform = zdata.eval_transform(dcfg)
+            val_set = zdata.SeededDataset(val_raw, tr.seed)
+
+        sampler = zdata.UpdateSampler(len(train_set), tr.batch_size, dist.world_size, dist.rank, tr.accum_steps,
+                                      tr.seed)
+        if sampler.updates_per_epoch == 0:
+            raise ValueError(f"train.batch_size {tr.batch_size} is larger than the training set "
+                             f"({len(train_set)} images)")
+        micro = tr.batch_size // (dist.world_size * tr.accum_steps)
+        pin = R.data.pin_memory and device.type == "cuda"
+        train_loader = zdata.loader(train_set, sampler, R.data.workers, pin)
+        val_loader = None
+        if val_set is not None:
+            val_loader = zdata.loader(val_set, zdata.ShardSampler(len(val_set), max(micro, 1) * 2, dist.world_size,
+                                                                  dist.rank), R.data.workers, pin)
+
+        model.to(device)
+        if rt.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if rt.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+
+        # ---- optimisation
+        lr = R.lr()
+        opt_kwargs = {}
+        if opt_cfg.betas is not None:
+            opt_kwargs["betas"] = tuple(opt_cfg.betas)
+        if opt_cfg.eps is not None:
+            opt_kwargs["eps"] = opt_cfg.eps
+        optimizer = create_optimizer_v2(model, opt=opt_cfg.name, lr=lr, weight_decay=opt_cfg.weight_decay,
+                                        momentum=opt_cfg.momentum, layer_decay=opt_cfg.layer_decay, **opt_kwargs)
+        upe = sampler.updates_per_epoch
+        warmup_epochs = sch.warmup_epochs if sch.warmup_steps is None else sch.warmup_steps / upe
+        scheduler, total_epochs = create_scheduler_v2(
+            optimizer, sched=sch.name, num_epochs=tr.epochs, warmup_epochs=warmup_epochs, warmup_lr=sch.warmup_lr,
+            min_lr=sch.min_lr, cooldown_epochs=sch.cooldown_epochs, step_on_epochs=sch.step_on == "epoch",
+            updates_per_epoch=upe)
+        scaler = torch.amp.GradScaler(device.type) if rt.amp == "fp16" else None
+        ema = ModelEmaV3(model, decay=R.ema.decay, use_warmup=R.ema.warmup) if R.ema.enabled else None
+
+        mixup_on = aug.mixup > 0 or aug.cutmix > 0
+        mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob,
+                      switch_prob=aug.mixup_switch_prob, mode=aug.mixup_mode,
+                      label_smoothing=aug.label_smoothing, num_classes=num_classes) if mixup_on else None
+        criterion = _criterion(R, mixup_on)
+
+        # ---- resume
+        start_epoch, start_update, num_updates = 0, 0, 0
+        best = {"metric": None, "epoch": None}
+        if resume:
+            snap = snapshot.resolve(run_dir if resume is True or resume == "auto" else resume)
+            meta = snapshot.read_meta(snap)
+            if meta.get("architecture") != architecture:
+                raise CheckpointError(f"{snap}: checkpoint is of {meta.get('architecture')!r}, the recipe trains "
+                                      f"{architecture!r}")
+            state = snapshot.read_train_state(snap)
+            snapshot.load_into(model, snapshot.read_weights(snap), snap / snapshot.WEIGHTS)
+            if ema is not None:
+                if (snap / snapshot.EMA_WEIGHTS).is_file():
+                    snapshot.load_into(ema.module, snapshot.read_weights(snap, ema=True), snap / snapshot.EMA_WEIGHTS)
+            try:
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                if scaler is not None and state.get("scaler"):
+                    scaler.load_state_dict(state["scaler"])
+            except (KeyError, ValueError, RuntimeError) as e:
+                raise CheckpointError(f"{snap / snapshot.STATE}: optimizer/scheduler state does not fit this "
+                                      f"recipe: {e}") from None
+            start_epoch, start_update = state["epoch"], state["update_in_epoch"]
+            num_updates = state["num_updates"]
+            best = state.get("best", best)
+            rng = state["rng"][dist.rank] if dist.rank < len(state["rng"]) else state["rng"][0]
+            snapshot.set_rng_state(rng)
+            if dist.is_main:
+                print(f"resumed from {snap} at epoch {start_epoch}, update {num_updates}", file=sys.stderr)
+        else:
+            # per-rank stream for drop path etc. (rank 0 keeps the plain seed: 1 process == rank 0)
+            _seed_all(tr.seed + dist.rank)
+
+        train_model = ddp = model
+        if dist.enabled:
+            train_model = ddp = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if rt.compile:
+            train_model = torch.compile(train_model)
+
+        log = MetricLog(run_dir / "metrics.jsonl" if dist.is_main else None)
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            import yaml
+            (run_dir / "recipe.yaml").write_text(yaml.safe_dump(R.to_dict(), sort_keys=False))
+        max_steps = tr.max_steps
+        last_val: Dict[str, float] = {}
+        stopped = False
+
+        def save(epoch, update_in_epoch, metrics, is_best=False):
+            states = [snapshot.rng_state()]
+            if dist.enabled:
+                gathered = [None] * dist.world_size
+                torch.distributed.all_gather_object(gathered, states[0])
+                states = gathered
+            if not dist.is_main:
+                return
+            meta = {"architecture": architecture, "model": R.sections["model"]["name"], "recipe": R.name,
+                    "num_classes": num_classes, "classes": classes, "epoch": epoch,
+                    "update_in_epoch": update_in_epoch, "num_updates": num_updates, "metrics": metrics,
+                    "best": best, "data_config": {k: (list(v) if isinstance(v, tuple) else v)
+                                                  for k, v in dcfg.items()},
+                    "best_weights": snapshot.EMA_WEIGHTS if (ema is not None and R.ema.select_best)
+                    else snapshot.WEIGHTS,
+                    "versions": {"torch": torch.__version__, "timm": _timm_version()}}
+            train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                           "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
+                           "update_in_epoch": update_in_epoch, "num_updates": num_updates, "rng": states,
+                           "best": best}
+            tag = f"update-{num_updates:08d}"
+            snapshot.save(run_dir, tag, model_state=unwrap(model).state_dict(), meta=meta,
+                          model_yaml_text=model_yaml,
+                          ema_state=ema.module.state_dict() if ema is not None else None,
+                          train_state=train_state, link=("last", "best") if is_best else ("last",),
+                          keep_last=R.output.keep_last)
+
+        def last_good():
+            p = run_dir / "last"
+            return str(p.resolve()) if p.exists() else "none (no checkpoint was written yet)"
+
+        amp = rt.amp
+        for epoch in range(start_epoch, total_epochs):
+            first = start_update if epoch == start_epoch else 0
+            sampler.set_epoch(epoch, first)
+            scheduler.step(epoch)
+            if first:
+                scheduler.step_update(num_updates)
+            train_model.train()
+            bar = None
+            if show:
+                from tqdm import tqdm
+                bar = tqdm(total=upe, initial=first, desc=f"epoch {epoch + 1}/{total_epochs}", dynamic_ncols=True,
+                           file=sys.stderr)
+            t0, seen, loss_acc = time.perf_counter(), 0, 0.0
+            micro_i = 0
+            update_in_epoch = first
+            for images, target in train_loader:
+                images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+                if rt.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                if mixup is not None:
+                    images, target = mixup(images, target)
+                last_micro = micro_i == tr.accum_steps - 1
+                sync = contextlib.nullcontext()
+                if dist.enabled and not last_micro:
+                    sync = ddp.no_sync()
+                with sync:
+                    with autocast(device, amp):
+                        out = train_model(images)
+                        loss = criterion(out, target)
+                    scaled = loss / tr.accum_steps
+                    if scaler is not None:
+                        scaler.scale(scaled).backward()
+                    else:
+                        scaled.backward()
+                loss_acc += loss.detach().float().item() / tr.accum_steps
+                micro_i += 1
+                seen += images.shape[0]
+                if not last_micro:
+                    continue
+                micro_i = 0
+                # every rank must agree before anyone steps
+                flag = torch.tensor([0.0 if math.isfinite(loss_acc) else 1.0])
+                zdist.all_reduce_sum(flag, dist)
+                if flag.item() > 0:
+                    if bar is not None:
+                        bar.close()
+                    raise NonFiniteLossError(
+                        f"loss is {loss_acc} at epoch {epoch + 1}, update {num_updates + 1}: stopping. "
+                        f"Last good checkpoint: {last_good()} (lower optimizer.lr, set optimizer.clip_grad, "
+                        f"or try runtime.amp=bf16 instead of fp16)")
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                if opt_cfg.clip_grad is not None:
+                    dispatch_clip_grad(model.parameters(), opt_cfg.clip_grad, mode=opt_cfg.clip_mode)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                num_updates += 1
+                update_in_epoch += 1
+                if ema is not None:
+                    ema.update(model, step=num_updates)
+                scheduler.step_update(num_updates)
+                cur_lr = optimizer.param_groups[0]["lr"]
+                ips = seen * dist.world_size / max(time.perf_counter() - t0, 1e-9)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_acc:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}")
+                if num_updates % tr.log_every == 0 or update_in_epoch == upe:
+                    log.write(kind="train", epoch=epoch, update=num_updates,
+                              epoch_float=epoch + update_in_epoch / upe, loss=loss_acc, lr=cur_lr,
+                              images_per_s=ips)
+                loss_acc = 0.0
+                if max_steps is not None and num_updates >= max_steps:
+                    stopped = True
+                    break
+                if tr.save_every_steps and num_updates % tr.save_every_steps == 0 and update_in_epoch < upe:
+                    save(epoch, update_in_epoch, last_val)
+            if bar is not None:
+                bar.close()
+            if stopped and update_in_epoch < upe:
+                save(epoch, update_in_epoch, last_val)
+                break
+            # ---- end of epoch
+            is_best = False
+            evaluate_now = val_loader is not None and ((epoch + 1) % tr.eval_every == 0 or epoch + 1 == total_epochs
+                                                       or stopped)
+            if evaluate_now:
+                m = evaluate(model, val_loader, device, amp, dist)
+                rec = {"kind": "val", "epoch": epoch, "update": num_updates, **m}
+                key = m["top1"]
+                if ema is not None:
+                    me = evaluate(ema.module, val_loader, device, amp, dist)
+                    rec.update({f"ema_{k}": v for k, v in me.items()})
+                    if R.ema.select_best:
+                        key = me["top1"]
+                log.write(**rec)
+                last_val = {k: v for k, v in rec.items() if k != "kind"}
+                if best["metric"] is None or key > best["metric"]:
+                    best = {"metric": key, "epoch": epoch}
+                    is_best = True
+                if dist.is_main:
+                    ema_txt = f", EMA top-1 {rec['ema_top1']:.2f}%" if ema is not None else ""
+                    print(f"epoch {epoch + 1}: val loss {m['loss']:.4f}, top-1 {m['top1']:.2f}%, "
+                          f"top-5 {m['top5']:.2f}%{ema_txt}", file=sys.stderr)
+            elif val_loader is None:
+                is_best = True  # without validation the newest is the best we know
+            save(epoch + 1, 0, last_val, is_best=is_best)
+            if stopped:
+                break
+
+        plot = None
+        if dist.is_main and R.output.plot:
+            plot = plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+        zdist.barrier(dist)
+        return {"run_dir": str(run_dir), "num_updates": num_updates, "last": last_val, "best": best,
+                "plot": str(plot) if plot else None,
+                "best_checkpoint": str((run_dir / "best").resolve()) if (run_dir / "best").exists() else None}
+    finally:
+        zdist.cleanup(dist)
+
+
+def _timm_version() -> str:
+    import timm
+    return timm.__version__
+
+
+# ---------------------------------------------------------------------------------------------- eval.py
+
+
+def load_for_eval(model: str, checkpoint=None, ema: Optional[bool] = None):
+    """(model, data config or None, meta or None) for a zoo name/YAML with an optional checkpoint
+    directory, or a timm name (``checkpoint`` may then be a weights file)."""
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        snap = snapshot.resolve(checkpoint)
+        meta = snapshot.read_meta(snap)
+        yaml_file = snap / snapshot.MODEL_YAML
+        source = str(yaml_file) if yaml_file.is_file() else model
+        net = build_model(source, num_classes=meta.get("num_classes"))
+        if is_zoo(model) and meta.get("architecture") and model.startswith("zoo_") \
+                and meta["architecture"] != model:
+            raise CheckpointError(f"{snap}: checkpoint is of {meta['architecture']!r}, not {model!r}")
+        use_ema = (meta.get("best_weights") == snapshot.EMA_WEIGHTS) if ema is None else ema
+        if use_ema and not (snap / snapshot.EMA_WEIGHTS).is_file():
+            use_ema = False
+        name = snapshot.EMA_WEIGHTS if use_ema else snapshot.WEIGHTS
+        snapshot.load_into(net, snapshot.read_weights(snap, ema=use_ema), snap / name)
+        dc = meta.get("data_config")
+        return net, ({k: tuple(v) if isinstance(v, list) else v for k, v in dc.items()} if dc else None), meta
+    if checkpoint is not None:
+        # a weights file: its classifier says how many classes the model has
+        from zoo.checkpoint import read_state_dict
+        sd = read_state_dict(checkpoint)
+        probe = build_model(model, pretrained=False) if not is_zoo(model) else None
+        head = (probe.pretrained_cfg.get("classifier") if probe is not None else "head.fc") or "head.fc"
+        head = head[0] if isinstance(head, (list, tuple)) else head
+        n = sd[f"{head}.weight"].shape[0] if f"{head}.weight" in sd else None
+        net = build_model(model, pretrained=True, num_classes=n,
+                          pretrained_cfg_overlay=dict(file=str(checkpoint), state_dict=sd, num_classes=n))
+        return net, None, None
+    return build_model(model, pretrained=not is_zoo(model)), None, None
+
+
+def evaluate_folder(model_name: str, root, split: Optional[str] = "val", checkpoint=None, batch_size: int = 64,
+                    workers: int = 2, amp: Optional[str] = None, device: str = "auto", ema: Optional[bool] = None,
+                    img_size: Optional[int] = None, progress: bool = True) -> Dict[str, float]:
+    dev = zdist.pick_device(device)
+    model, dcfg, meta = load_for_eval(model_name, checkpoint, ema)
+    if dcfg is None:
+        dcfg = zdata.data_config(model, img_size)
+    elif img_size:
+        dcfg["input_size"] = (dcfg["input_size"][0], img_size, img_size)
+    ds = zdata.image_folder(root, split, transform=zdata.eval_transform(dcfg))
+    if meta and meta.get("classes") and zdata.class_names(ds) != meta["classes"]:
+        raise ValueError(f"the classes of {root}/{split} ({len(zdata.class_names(ds))}) differ from the "
+                         f"checkpoint's ({len(meta['classes'])})")
+    model.to(dev)
+    dl = zdata.loader(zdata.SeededDataset(ds, 0), zdata.ShardSampler(len(ds), batch_size), workers,
+                      dev.type == "cuda")
+    t0 = time.perf_counter()
+    out = evaluate(model, dl, dev, amp, progress=progress)
+    out["seconds"] = time.perf_counter() - t0
+    return out

@@ -1,0 +1,77 @@
+"""Hugging Face Hub export: a directory timm loads with ``hf-hub:`` or ``local-dir:`` names.
+
+The directory is timm's own layout (config.json with ``architecture`` and ``pretrained_cfg``, plus
+model.safetensors), written by timm's ``save_for_hf``; zoo adds the resolved model YAML
+(``zoo_model.yaml``) so the architecture is on record beside the weights. The architecture must be
+a registered zoo name (a config under configs/models/) for ``timm.create_model`` to rebuild it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from zoo.registration import REGISTERED
+
+MODEL_YAML = "zoo_model.yaml"
+
+
+def _architecture(model: torch.nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture")
+    if not arch:
+        raise ValueError("the model has no pretrained_cfg['architecture']; build it with zoo.create_model or "
+                         "timm.create_model")
+    return arch
+
+
+def _model_args(model: torch.nn.Module, arch: str) -> dict:
+    args = {}
+    if arch in REGISTERED:
+        from zoo.config import load_config
+        cfg = load_config(REGISTERED[arch], name=arch)
+        if model.num_classes != cfg.num_classes:
+            args["num_classes"] = model.num_classes
+    return args
+
+
+def save_pretrained(model: torch.nn.Module, save_dir, data_config: Optional[dict] = None,
+                    label_names=None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (+ the model YAML) into ``save_dir``.
+
+    Load it back with ``timm.create_model("local-dir:<save_dir>")``, from the Hub with
+    ``timm.create_model("hf-hub:<repo>")`` after ``push_to_hub``, or with
+    ``timm.create_model(<architecture>, pretrained=True, pretrained_cfg_overlay=dict(file=<save_dir>/model.safetensors))``.
+    """
+    from timm.models import save_for_hf
+    arch = _architecture(model)
+    if arch.startswith("zoo_") and arch not in REGISTERED:
+        raise ValueError(f"{arch} is not a registered zoo model: timm could not rebuild it from config.json. "
+                         f"Put its YAML under configs/models/ (registered as zoo_<file stem>).")
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    model_config = {}
+    if label_names:
+        model_config["label_names"] = list(label_names)
+    save_for_hf(model, str(save_dir), model_config=model_config, model_args=_model_args(model, arch),
+                safe_serialization=True, data_config=data_config)
+    raw = getattr(getattr(model, "cfg", None), "raw", None)
+    if raw:
+        from zoo.snapshot import model_yaml
+        (save_dir / MODEL_YAML).write_text(model_yaml(raw, {"num_classes": model.num_classes}))
+    return save_dir
+
+
+def push_to_hub(model: torch.nn.Module, repo_id: str, commit_message: str = "Add zoo model",
+                token: Optional[str] = None, private: bool = False, revision: Optional[str] = None,
+                data_config: Optional[dict] = None, label_names=None):
+    """Create (or reuse) the Hub repo and upload what ``save_pretrained`` writes."""
+    import tempfile
+
+    from huggingface_hub import HfApi
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, tmp, data_config=data_config, label_names=label_names)
+        return api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, commit_message=commit_message)

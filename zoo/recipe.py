@@ -1,0 +1,363 @@
+"""Training recipes: YAML files in configs/train/, validated like model configs.
+
+A recipe has sections (model, data, augment, train, optimizer, schedule, ema, runtime, output);
+each key has a type and a default, so a recipe states only what its paper sets. ``base:`` names
+another recipe (a stem in configs/train/ or a path relative to the file) and the recipe states
+what differs; mappings merge key by key. ``--set section.key=value`` overrides (the value is read
+as YAML) are applied after the file and checked the same way. Every error is a ``ConfigError``
+naming the file (or ``--set``) and the key path.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional
+
+import yaml
+
+from zoo.errors import ConfigError
+
+REQUIRED = object()
+NUM = (int, float)
+OPT = type(None)
+
+
+def _positive(v):
+    return v > 0
+
+
+def _nonneg(v):
+    return v >= 0
+
+
+def _prob(v):
+    return 0 <= v <= 1
+
+
+def _pair(v):
+    return isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, NUM) and not isinstance(x, bool)
+                                                              for x in v)
+
+
+def _triple(v):
+    return isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, NUM) for x in v)
+
+
+# section -> key -> (types, default, check or None, rule shown when the check fails)
+SCHEMA: Dict[str, Dict[str, tuple]] = {
+    "model": {
+        # a zoo name (zoo_nat_tiny), a model YAML file (relative to the recipe), or any timm name
+        "name": (str, REQUIRED, None, ""),
+        "num_classes": ((int, OPT), None, lambda v: v is None or v > 0, "must be positive (null: from the data)"),
+        "drop_path_rate": ((NUM, OPT), None, lambda v: v is None or 0 <= v < 1, "must be in [0, 1)"),
+        "drop_rate": ((NUM, OPT), None, lambda v: v is None or 0 <= v < 1, "must be in [0, 1)"),
+        "pretrained_file": ((str, OPT), None, None, ""),  # initial weights (fine-tuning)
+    },
+    "data": {
+        "root": ((str, OPT), None, None, ""),  # ImageFolder root with train/ and val/ (relative to the cwd)
+        "train_split": (str, "train", None, ""),
+        "val_split": ((str, OPT), "val", None, ""),
+        "img_size": ((int, OPT), None, lambda v: v is None or v >= 32, "must be at least 32 (null: the model's)"),
+        "crop_pct": ((NUM, OPT), None, lambda v: v is None or 0 < v <= 1, "must be in (0, 1]"),
+        "interpolation": ((str, OPT), None, lambda v: v in (None, "bicubic", "bilinear", "nearest"),
+                          "must be bicubic, bilinear or nearest"),
+        "train_interpolation": (str, "random", lambda v: v in ("random", "bicubic", "bilinear", "nearest"),
+                                "must be random, bicubic, bilinear or nearest"),
+        "mean": ((list, OPT), None, lambda v: v is None or _triple(v), "must be a list of 3 numbers"),
+        "std": ((list, OPT), None, lambda v: v is None or _triple(v), "must be a list of 3 numbers"),
+        "workers": (int, 4, _nonneg, "must be >= 0"),
+        "pin_memory": (bool, True, None, ""),
+    },
+    "augment": {
+        "no_aug": (bool, False, None, ""),  # train on the eval transform (tests, debugging)
+        "scale": (list, [0.08, 1.0], _pair, "must be [min, max]"),
+        "ratio": (list, [0.75, 1.3333333333333333], _pair, "must be [min, max]"),
+        "hflip": (NUM, 0.5, _prob, "must be a probability in [0, 1]"),
+        "vflip": (NUM, 0.0, _prob, "must be a probability in [0, 1]"),
+        "color_jitter": ((NUM, OPT), 0.4, lambda v: v is None or v >= 0, "must be >= 0"),
+        "auto_augment": ((str, OPT), "rand-m9-mstd0.5-inc1", None, ""),  # timm's RandAugment spec
+        "reprob": (NUM, 0.25, _prob, "must be a probability in [0, 1]"),  # random erasing
+        "remode": (str, "pixel", lambda v: v in ("pixel", "rand", "const"), "must be pixel, rand or const"),
+        "recount": (int, 1, _positive, "must be positive"),
+        "mixup": (NUM, 0.8, _nonneg, "must be >= 0 (0 disables)"),
+        "cutmix": (NUM, 1.0, _nonneg, "must be >= 0 (0 disables)"),
+        "mixup_prob": (NUM, 1.0, _prob, "must be a probability in [0, 1]"),
+        "mixup_switch_prob": (NUM, 0.5, _prob, "must be a probability in [0, 1]"),
+        "mixup_mode": (str, "batch", lambda v: v in ("batch", "pair", "elem"), "must be batch, pair or elem"),
+        "label_smoothing": (NUM, 0.1, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    },
+    "train": {
+        "epochs": (int, REQUIRED, _positive, "must be positive"),
+        "batch_size": (int, REQUIRED, _positive, "must be positive"),  # global, per optimizer update
+        "accum_steps": (int, 1, _positive, "must be positive"),
+        "seed": (int, 0, None, ""),
+        "max_steps": ((int, OPT), None, lambda v: v is None or v > 0, "must be positive"),  # stop early (tests)
+        "eval_every": (int, 1, _positive, "must be positive (epochs)"),
+        "save_every_steps": ((int, OPT), None, lambda v: v is None or v > 0, "must be positive"),
+        "log_every": (int, 10, _positive, "must be positive (updates)"),
+        "progress": (bool, True, None, ""),
+    },
+    "optimizer": {
+        "name": (str, "adamw", None, ""),  # any timm optimizer name
+        "lr": ((NUM, OPT), None, lambda v: v is None or v > 0, "must be positive"),  # absolute; wins over lr_base
+        "lr_base": (NUM, 1e-3, _positive, "must be positive"),
+        "lr_base_size": (int, 1024, _positive, "must be positive"),
+        "lr_base_scale": (str, "linear", lambda v: v in ("linear", "sqrt"), "must be linear or sqrt"),
+        "weight_decay": (NUM, 0.05, _nonneg, "must be >= 0"),
+        "betas": ((list, OPT), None, lambda v: v is None or _pair(v), "must be [beta1, beta2]"),
+        "eps": ((NUM, OPT), None, lambda v: v is None or v > 0, "must be positive"),
+        "momentum": (NUM, 0.9, _nonneg, "must be >= 0"),
+        "layer_decay": ((NUM, OPT), None, lambda v: v is None or 0 < v <= 1, "must be in (0, 1]"),
+        "clip_grad": ((NUM, OPT), None, lambda v: v is None or v > 0, "must be positive (null: no clipping)"),
+        "clip_mode": (str, "norm", lambda v: v in ("norm", "value", "agc"), "must be norm, value or agc"),
+    },
+    "schedule": {
+        "name": (str, "cosine", lambda v: v in ("cosine", "step", "multistep", "plateau", "tanh", "poly", "const"),
+                 "must be one of cosine, step, multistep, plateau, tanh, poly, const"),
+        "warmup_epochs": (NUM, 0, _nonneg, "must be >= 0"),
+        "warmup_steps": ((int, OPT), None, lambda v: v is None or v >= 0, "must be >= 0"),  # wins over epochs
+        "warmup_lr": (NUM, 1e-6, _nonneg, "must be >= 0"),
+        "min_lr": (NUM, 1e-5, _nonneg, "must be >= 0"),
+        "cooldown_epochs": (int, 0, _nonneg, "must be >= 0"),
+        "step_on": (str, "update", lambda v: v in ("update", "epoch"), "must be update or epoch"),
+    },
+    "ema": {
+        "enabled": (bool, False, None, ""),
+        "decay": (NUM, 0.9998, lambda v: 0 < v < 1, "must be in (0, 1)"),
+        "warmup": (bool, False, None, ""),
+        "select_best": (bool, True, None, ""),  # best checkpoint judged on the EMA weights
+    },
+    "runtime": {
+        "device": (str, "auto", None, ""),  # auto, cpu, cuda
+        "amp": ((str, OPT), None, lambda v: v in (None, "bf16", "fp16"), "must be bf16, fp16 or null"),
+        "channels_last": (bool, False, None, ""),
+        "grad_checkpointing": (bool, False, None, ""),
+        "compile": (bool, False, None, ""),
+        "deterministic": (bool, False, None, ""),
+        "threads": ((int, OPT), None, lambda v: v is None or v > 0, "must be positive"),
+    },
+    "output": {
+        "dir": ((str, OPT), None, None, ""),  # default runs/<recipe name>
+        "keep_last": (int, 1, _positive, "must be positive"),
+        "plot": (bool, True, None, ""),
+    },
+}
+TOP_KEYS = {"description", "base", "reference", *SCHEMA}
+
+
+@dataclass
+class Recipe:
+    name: str
+    file: Optional[Path]
+    sections: Dict[str, Dict[str, Any]]
+    description: str = ""
+    reference: Optional[dict] = None
+
+    def __getattr__(self, item):
+        sections = self.__dict__.get("sections")
+        if sections is not None and item in sections:
+            return _Section(sections[item])
+        raise AttributeError(item)
+
+    def to_dict(self) -> dict:
+        out = {"description": self.description}
+        if self.reference:
+            out["reference"] = self.reference
+        out.update(copy.deepcopy(self.sections))
+        return out
+
+    def model_path(self) -> str:
+        """The model name, or a model YAML resolved relative to the recipe file."""
+        name = self.sections["model"]["name"]
+        if name.endswith((".yaml", ".yml")) and self.file is not None and not Path(name).is_absolute():
+            cand = self.file.parent / name
+            if cand.is_file():
+                return str(cand)
+        return name
+
+    def lr(self, batch_size: Optional[int] = None) -> float:
+        """The peak learning rate: ``lr`` if set, else ``lr_base`` scaled by batch / lr_base_size."""
+        o = self.sections["optimizer"]
+        if o["lr"] is not None:
+            return float(o["lr"])
+        ratio = (batch_size or self.sections["train"]["batch_size"]) / o["lr_base_size"]
+        return float(o["lr_base"]) * (math.sqrt(ratio) if o["lr_base_scale"] == "sqrt" else ratio)
+
+
+class _Section(dict):
+    def __getattr__(self, item):
+        try:
+            return self[item]
+        except KeyError:
+            raise AttributeError(item) from None
+
+
+def recipes_dir() -> Path:
+    return Path(str(resources.files("zoo.configs"))) / "train"
+
+
+def list_recipes() -> Dict[str, Path]:
+    return {p.stem: p for p in sorted(recipes_dir().glob("*.yaml"))}
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read recipe: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(path, "", f"not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(path, "", f"a recipe must be a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _load_raw(path: Path, chain=()) -> tuple:
+    """(merged raw dict, {key path: file that set it})."""
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError(path, "base", "base cycle: " + " -> ".join(p.name for p in chain + (path,)))
+    data = _read(path)
+    prov = {}
+    own = {k: v for k, v in data.items() if k != "base"}
+    for sec, val in own.items():
+        prov[sec] = path
+        if isinstance(val, dict):
+            for k in val:
+                prov[f"{sec}.{k}"] = path
+    if "base" not in data:
+        return own, prov
+    name = data["base"]
+    if not isinstance(name, str) or not name:
+        raise ConfigError(path, "base", f"must be a recipe name or path, got {name!r}")
+    cand = path.parent / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    if not cand.is_file():
+        cand = list_recipes().get(name, cand)
+    if not Path(cand).is_file():
+        raise ConfigError(path, "base", f"base recipe {name!r} does not exist")
+    base, base_prov = _load_raw(Path(cand), chain + (path,))
+    return _merge(base, own), {**base_prov, **prov}
+
+
+def parse_overrides(items: Iterable[str]) -> Dict[str, Any]:
+    """``["optimizer.lr=1e-3", "ema.enabled=true"]`` -> {"optimizer.lr": 0.001, ...} (values read as YAML)."""
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ConfigError("--set", item, "expected section.key=value")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError("--set", key, f"value is not valid YAML: {e}") from None
+    return out
+
+
+def load_recipe(source, overrides: Optional[Dict[str, Any]] = None) -> Recipe:
+    """Load and validate a recipe from a path, a shipped recipe name, or a dict."""
+    if isinstance(source, dict):
+        raw, prov, file, name = copy.deepcopy(source), {}, None, "custom"
+    else:
+        p = Path(source)
+        if not p.suffix and not p.exists():
+            found = list_recipes().get(str(source))
+            if found is None:
+                raise ConfigError(source, "", f"no such recipe; shipped: {sorted(list_recipes())}")
+            p = found
+        if not p.is_file():
+            raise ConfigError(p, "", "recipe file does not exist")
+        file = p.resolve()
+        raw, prov = _load_raw(file)
+        name = p.stem
+    if isinstance(overrides, (list, tuple)):
+        overrides = parse_overrides(overrides)
+    for key, value in (overrides or {}).items():
+        parts = key.split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError("--set", key, "overrides are written section.key=value")
+        sec, k = parts
+        if sec not in SCHEMA:
+            raise ConfigError("--set", key, f"unknown section {sec!r}; sections: {sorted(SCHEMA)}")
+        section = raw.setdefault(sec, {})
+        if not isinstance(section, dict):
+            raise ConfigError(prov.get(sec, file), sec, f"must be a mapping, got {section!r}")
+        section[k] = value
+        prov[key] = "--set"
+    return _validate(raw, name, file, prov)
+
+
+def _validate(raw: dict, name: str, file: Optional[Path], prov: dict) -> Recipe:
+    def fail(keypath, message):
+        raise ConfigError(prov.get(keypath, prov.get(keypath.split(".")[0], file)), keypath, message)
+
+    for k in raw:
+        if k not in TOP_KEYS:
+            fail(str(k), f"unknown key; valid keys: {sorted(TOP_KEYS)}")
+    sections = {}
+    for sec, keys in SCHEMA.items():
+        given = raw.get(sec) or {}
+        if not isinstance(given, dict):
+            fail(sec, f"must be a mapping, got {given!r}")
+        out = {}
+        for k in given:
+            if k not in keys:
+                fail(f"{sec}.{k}", f"unknown key; valid keys: {sorted(keys)}")
+        for k, (types, default, check, rule) in keys.items():
+            kp = f"{sec}.{k}"
+            if k not in given:
+                if default is REQUIRED:
+                    fail(sec if sec in raw else kp, f"missing required key {kp!r}")
+                out[k] = copy.deepcopy(default)
+                continue
+            v = given[k]
+            kinds = _flat(types)
+            if isinstance(v, str) and float in kinds:
+                # PyYAML reads 1e-3 (no dot) as a string; a number was meant.
+                try:
+                    v = float(v)
+                except ValueError:
+                    pass
+            if isinstance(v, bool) and bool not in kinds:
+                ok = False
+            else:
+                ok = isinstance(v, kinds)
+            if not ok:
+                fail(kp, f"expected {'/'.join('null' if t is OPT else t.__name__ for t in kinds)}, got {v!r}")
+            if check is not None and not check(v):
+                fail(kp, f"{rule}, got {v!r}")
+            out[k] = v
+        sections[sec] = out
+    t, a = sections["train"], sections["augment"]
+    if t["batch_size"] % t["accum_steps"]:
+        fail("train.accum_steps", f"must divide train.batch_size ({t['batch_size']}), got {t['accum_steps']}")
+    if sections["schedule"]["warmup_epochs"] >= t["epochs"] and sections["schedule"]["warmup_steps"] is None:
+        fail("schedule.warmup_epochs", f"must be shorter than train.epochs ({t['epochs']}), "
+                                       f"got {sections['schedule']['warmup_epochs']}")
+    if a["mixup"] or a["cutmix"]:
+        if (t["batch_size"] // t["accum_steps"]) % 2:
+            fail("train.batch_size", "mixup/cutmix pair samples in a batch: batch_size / accum_steps must be even")
+    ra = a["auto_augment"]
+    if ra is not None and not ra.startswith(("rand", "augmix", "original", "v0", "3a", "trivial")):
+        fail("augment.auto_augment", f"expected a timm auto-augment spec such as 'rand-m9-mstd0.5-inc1', got {ra!r}")
+    return Recipe(name=name, file=file, sections=sections, description=str(raw.get("description", "")),
+                  reference=raw.get("reference"))
+
+
+def _flat(types) -> tuple:
+    out = []
+    for t in types if isinstance(types, tuple) else (types,):
+        out.extend(t if isinstance(t, tuple) else (t,))
+    return tuple(out)

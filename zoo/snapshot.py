@@ -1,0 +1,244 @@
+"""Training checkpoints ("snapshots"): one directory per save, written atomically.
+
+A snapshot directory holds
+  model.safetensors       the model weights (model_ema.safetensors beside it when EMA is on)
+  model.yaml              the resolved model config, so the weights rebuild without the recipe
+  meta.json               format tag, model, epoch, update, metrics, data config, class names
+  train_state.pt          optimizer, scheduler, grad scaler, RNG states, loop position
+
+Each file is written to a temporary name, fsynced and renamed; the whole directory is built as
+``.tmp-*`` and renamed into place; only then are the ``last`` / ``best`` symlinks in the run
+directory swapped (os.replace of a symlink is atomic). A crash at any point leaves the previous
+``last`` pointing at a complete snapshot.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import yaml
+
+from zoo.checkpoint import read_state_dict
+from zoo.errors import CheckpointError
+
+FORMAT = "zoo-train-snapshot"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "model_ema.safetensors"
+STATE = "train_state.pt"
+META = "meta.json"
+MODEL_YAML = "model.yaml"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, rename over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide checkpoints from other users
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _safetensors_bytes(sd: Dict[str, torch.Tensor], metadata: Optional[dict] = None) -> bytes:
+    from safetensors.torch import save
+    return save({k: v.detach().to("cpu").contiguous() for k, v in sd.items()}, metadata=metadata)
+
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_tuplify(state["python"]))
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def model_yaml(cfg_raw: dict, overrides: dict) -> str:
+    """The merged model config as a standalone YAML (no ``base``), with the run's overrides."""
+    raw = json.loads(json.dumps(cfg_raw, default=list))
+    raw.pop("base", None)
+    for k, v in overrides.items():
+        if v is not None:
+            raw.setdefault("model", {})[k] = v
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+def save(run_dir: Path, tag: str, *, model_state: dict, meta: dict, model_yaml_text: Optional[str] = None,
+         ema_state: Optional[dict] = None, train_state: Optional[dict] = None, link: tuple = ("last",),
+         keep_last: int = 1) -> Path:
+    """Write snapshot ``run_dir/checkpoints/<tag>`` and point the ``link`` symlinks at it."""
+    run_dir = Path(run_dir)
+    ckpts = run_dir / "checkpoints"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    final = ckpts / tag
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{tag}-", dir=str(ckpts)))
+    os.chmod(tmp, 0o755)
+    try:
+        meta = {"format": FORMAT, "version": VERSION, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **meta,
+                "files": [WEIGHTS] + ([EMA_WEIGHTS] if ema_state is not None else [])
+                + ([STATE] if train_state is not None else [])}
+        st_meta = {"format": FORMAT, "architecture": str(meta.get("architecture", ""))}
+        atomic_write_bytes(tmp / WEIGHTS, _safetensors_bytes(model_state, st_meta))
+        if ema_state is not None:
+            atomic_write_bytes(tmp / EMA_WEIGHTS, _safetensors_bytes(ema_state, st_meta))
+        if model_yaml_text is not None:
+            atomic_write_bytes(tmp / MODEL_YAML, model_yaml_text.encode())
+        if train_state is not None:
+            atomic_write_bytes(tmp / STATE, _torch_bytes({"format": FORMAT, "version": VERSION, **train_state}))
+        atomic_write_bytes(tmp / META, json.dumps(meta, indent=2, default=str).encode())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpts)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for name in link:
+        _point(run_dir / name, Path("checkpoints") / tag)
+    _prune(run_dir, keep_last)
+    return final
+
+
+def _point(link: Path, target: Path) -> None:
+    tmp = link.parent / f".{link.name}.tmp-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    _fsync_dir(link.parent)
+
+
+def _prune(run_dir: Path, keep_last: int) -> None:
+    """Remove snapshots that no link points to, keeping the ``keep_last`` newest."""
+    ckpts = run_dir / "checkpoints"
+    pinned = set()
+    for name in ("last", "best"):
+        p = run_dir / name
+        if p.is_symlink():
+            pinned.add((run_dir / os.readlink(p)).resolve())
+    snaps = sorted((p for p in ckpts.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                   key=lambda p: p.stat().st_mtime)
+    keep = set(s.resolve() for s in snaps[-keep_last:]) | pinned
+    for s in snaps:
+        if s.resolve() not in keep:
+            shutil.rmtree(s, ignore_errors=True)
+    for s in ckpts.iterdir():  # leftovers of an interrupted save
+        if s.name.startswith(".tmp-"):
+            shutil.rmtree(s, ignore_errors=True)
+
+
+def resolve(path) -> Path:
+    """A snapshot directory from itself, a run directory (its ``last``), or a weights file's folder."""
+    p = Path(path)
+    if p.is_file():
+        p = p.parent
+    if not p.exists():
+        raise CheckpointError(f"{p}: checkpoint does not exist")
+    if (p / META).is_file() or (p / WEIGHTS).is_file():
+        return p.resolve()
+    if (p / "last").exists():
+        return (p / "last").resolve()
+    raise CheckpointError(f"{p}: not a zoo checkpoint (no {META} or {WEIGHTS}; expected a run directory "
+                          f"or one of its checkpoints/ folders)")
+
+
+def read_meta(snap: Path) -> dict:
+    f = Path(snap) / META
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing; {snap} is not a zoo training checkpoint")
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: unreadable or truncated metadata: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{f}: not a zoo training checkpoint (format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                              f"expected {FORMAT!r})")
+    if meta.get("version", 0) > VERSION:
+        raise CheckpointError(f"{f}: written by a newer zoo (snapshot version {meta['version']} > {VERSION})")
+    return meta
+
+
+def read_weights(snap: Path, ema: bool = False) -> Dict[str, torch.Tensor]:
+    return read_state_dict(Path(snap) / (EMA_WEIGHTS if ema else WEIGHTS))
+
+
+def read_train_state(snap: Path) -> dict:
+    f = Path(snap) / STATE
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing; this checkpoint has weights only and cannot resume training")
+    try:
+        state = torch.load(str(f), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle errors, refused globals
+        raise CheckpointError(f"{f}: unreadable or truncated training state: {e}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{f}: not a zoo training state")
+    return state
+
+
+def load_into(model: torch.nn.Module, sd: Dict[str, torch.Tensor], source) -> None:
+    """Strict load with an error that lists what does not fit."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if wrong:
+            parts.append(f"{len(wrong)} of another shape (e.g. {wrong[0]}: {tuple(sd[wrong[0]].shape)} vs "
+                         f"{tuple(own[wrong[0]].shape)})")
+        raise CheckpointError(f"{source}: weights do not fit this model: " + "; ".join(parts))
+    model.load_state_dict(sd)
