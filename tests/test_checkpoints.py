@@ -1,0 +1,144 @@
+"""Original checkpoints load through timm's pretrained path and give the original logits.
+
+Swin is compared with timm's implementation itself. NAT/DiNAT's authors' code needs a NATTEN
+release with relative positional bias, which no longer installs, so their layout is written here
+by hand from classification/nat.py's module names and must reproduce the zoo model it came from.
+"""
+import re
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import zoo  # noqa: F401  (registers the zoo models)
+from zoo import CheckpointError
+
+
+def _save(sd, path):
+    if str(path).endswith(".safetensors"):
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    else:
+        torch.save(sd, str(path))
+    return str(path)
+
+
+def _load(name, path, **kw):
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), **kw).eval()
+
+
+def _timm_swin(variant):
+    torch.manual_seed(0)
+    ref = timm.create_model(f"swin_{variant}_patch4_window7_224").eval()
+    with torch.no_grad():  # random tables, so a wrongly indexed or unflipped bias shows in the logits
+        for n, p in ref.named_parameters():
+            if "relative_position_bias_table" in n:
+                p.normal_(0, 1)
+    return ref
+
+
+@pytest.mark.parametrize("variant", ["tiny", "small", "base"])
+def test_swin_equals_timm(tmp_path, variant):
+    ref = _timm_swin(variant)
+    model = _load(f"zoo_swin_{variant}", _save(ref.state_dict(), tmp_path / "swin.safetensors"))
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in ref.parameters())
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected, got = ref(x), model(x)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_swin_original_microsoft_layout(tmp_path):
+    """Microsoft's checkpoints put the downsampler at the end of a stage and name the head `head`."""
+    ref = _timm_swin("tiny")
+    sd = {}
+    for k, v in ref.state_dict().items():
+        m = re.match(r"layers\.(\d+)\.downsample\.(.*)", k)
+        k = f"layers.{int(m.group(1)) - 1}.downsample.{m.group(2)}" if m else k
+        sd[k.replace("head.fc.", "head.")] = v
+    model = _load("zoo_swin_tiny", _save({"model": sd}, tmp_path / "swin_tiny_patch4_window7_224.pth"))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-4, rtol=0)
+
+
+def _authors_nat_layout(sd):
+    """The zoo's keys renamed to SHI-Labs' classification/nat.py module names."""
+    out = {}
+    for k, v in sd.items():
+        k = k.replace("stem.", "patch_embed.").replace("head.fc.", "head.")
+        k = re.sub(r"^stages\.(\d+)\.blocks\.(\d+)\.mixer\.", r"levels.\1.blocks.\2.attn.", k)
+        k = re.sub(r"^stages\.(\d+)\.blocks\.(\d+)\.ls(\d)\.gamma", r"levels.\1.blocks.\2.gamma\3", k)
+        k = re.sub(r"^stages\.(\d+)\.blocks\.", r"levels.\1.blocks.", k)
+        m = re.match(r"stages\.(\d+)\.downsample\.(.*)", k)
+        if m:  # their downsampler ends the previous level
+            k = f"levels.{int(m.group(1)) - 1}.downsample.{m.group(2)}"
+        out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("name", ["zoo_nat_small", "zoo_dinat_tiny"])
+def test_nat_authors_layout(tmp_path, name):
+    torch.manual_seed(0)
+    src = timm.create_model(name).eval()
+    with torch.no_grad():
+        for n, p in src.named_parameters():
+            if n.endswith(("rpb", "gamma")):
+                p.normal_(0, 0.5)
+    theirs = _authors_nat_layout(src.state_dict())
+    assert "levels.0.downsample.reduction.weight" in theirs and "levels.0.blocks.0.attn.rpb" in theirs
+    assert ("levels.0.blocks.0.gamma1" in theirs) == (name == "zoo_nat_small")
+    model = _load(name, _save(theirs, tmp_path / "nat.pth"))
+    x = torch.randn(1, 3, 96, 160)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), src(x), atol=1e-5, rtol=0)
+
+
+def test_other_num_classes_keeps_the_body(tmp_path):
+    ref = _timm_swin("tiny")
+    model = _load("zoo_swin_tiny", _save(ref.state_dict(), tmp_path / "s.safetensors"), num_classes=10)
+    assert model.get_classifier().out_features == 10
+    torch.testing.assert_close(model.stem.proj.weight, ref.patch_embed.proj.weight)
+
+
+def _bad_checkpoint(kind, d):
+    if kind == "missing":
+        return str(d / "missing.safetensors")
+    if kind == "empty":
+        (d / "empty.pth").write_bytes(b"")
+        return str(d / "empty.pth")
+    if kind == "truncated-safetensors":
+        good = _save(_timm_swin("tiny").state_dict(), d / "good.safetensors")
+        (d / "cut.safetensors").write_bytes(open(good, "rb").read()[:5000])
+        return str(d / "cut.safetensors")
+    if kind == "truncated-torch":
+        good = _save(_timm_swin("tiny").state_dict(), d / "good.pth")
+        (d / "cut.pth").write_bytes(open(good, "rb").read()[:5000])
+        return str(d / "cut.pth")
+    if kind == "foreign":
+        return _save(timm.create_model("resnet18").state_dict(), d / "resnet18.safetensors")
+    if kind == "no-weights":
+        return _save({"epoch": 3, "args": {"lr": 0.1}}, d / "meta.pth")
+
+
+@pytest.mark.parametrize("kind,words", [
+    ("missing", "checkpoint file does not exist"),
+    ("empty", "checkpoint file is empty"),
+    ("truncated-safetensors", "not a readable safetensors file"),
+    ("truncated-torch", "not a readable torch checkpoint"),
+    ("foreign", r"checkpoint does not fit zoo_swin_tiny .*missing .*unexpected"),
+    ("no-weights", "no state dict of tensors found"),
+])
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path, kind, words):
+    path = _bad_checkpoint(kind, tmp_path)
+    with pytest.raises(CheckpointError, match=words) as info:
+        _load("zoo_swin_tiny", path)
+    if kind != "foreign":
+        assert str(path) in str(info.value)
+
+
+def test_wrong_variant_names_the_mismatched_shapes(tmp_path):
+    path = _save(timm.create_model("zoo_nat_mini").state_dict(), tmp_path / "mini.safetensors")
+    with pytest.raises(CheckpointError, match=r"does not fit zoo_nat_small .*shape mismatch"):
+        _load("zoo_nat_small", path)
