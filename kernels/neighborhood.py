@@ -3,7 +3,8 @@
 One op covers sliding-window neighborhood attention (NAT), dilated NA (DiNAT), strided NA,
 blocked window attention (Swin, MaxViT block), blocked dilated attention (MaxViT grid),
 Swin's shifted windows (a partition with an offset grid), rectangular windows (CSWin stripes)
-and extra global tokens (FasterViT carrier tokens).
+and extra key/value tokens, either global (seen by every query) or per window (FasterViT's
+carrier tokens: each non-overlapping window also sees its own few extra tokens).
 
 Everything is decided per axis. For an axis of length ``L`` the helpers below build three
 ``(L, k)`` tables: which key each query sees in each of its ``k`` slots, whether that slot holds a
@@ -36,7 +37,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["na2d", "AxisWindow", "axis_window", "check_axis_args"]
+__all__ = ["na2d", "AxisWindow", "axis_window", "axis_window_ids", "check_axis_args"]
 
 IntPair = Union[int, Sequence[int]]
 
@@ -87,6 +88,36 @@ def axis_window(
     key_index = torch.minimum(key.clamp(min=0), n - 1) * dilation + group[:, None]
     bias_index = key - i[:, None] + kernel_size - 1
     return AxisWindow(key_index, valid, bias_index)
+
+
+def axis_window_ids(
+    length: int,
+    kernel_size: int,
+    stride: int = 1,
+    dilation: int = 1,
+    offset: Optional[int] = None,
+    device: Union[torch.device, str, None] = None,
+) -> Tuple[Tensor, int]:
+    """Which non-overlapping window each position of an axis belongs to, and how many there are.
+
+    Per-window extra tokens need non-overlapping windows: ``stride == kernel_size`` and no
+    dilation. With ``offset=None`` window ``m`` is the stride tile ``[m*k, (m+1)*k)`` (a ragged
+    last tile keeps its own id although NATTEN shifts its keys inward); with an offset the windows
+    are the cells of the offset grid, counted from the (possibly clipped) cell holding position 0.
+    """
+    check_axis_args(length, kernel_size, stride, dilation, offset)
+    if stride != kernel_size or dilation != 1:
+        raise ValueError(
+            "per-window additional keys/values need non-overlapping windows (stride == "
+            f"kernel_size, dilation 1); got kernel_size={kernel_size}, stride={stride}, "
+            f"dilation={dilation}"
+        )
+    o = 0 if offset is None else offset
+    first = (-o) // kernel_size  # the cell of position 0
+    ids = torch.div(torch.arange(length, device=device) - o, kernel_size,
+                    rounding_mode="floor") - first
+    count = (length - 1 - o) // kernel_size - first + 1
+    return ids, count
 
 
 def check_axis_args(
@@ -161,10 +192,12 @@ def _check_tensors(query, key, value, rpb, additional_keys, additional_values, k
         raise ValueError("additional_keys and additional_values must be given together")
     if additional_keys is not None:
         ak, av = additional_keys, additional_values
-        if ak.dim() != 4 or ak.shape[0] != batch or ak.shape[2:] != (heads, head_dim):
+        if ak.dim() not in (4, 6) or ak.shape[0] != batch or ak.shape[-2:] != (heads, head_dim):
             raise ValueError(
                 f"additional_keys must have shape (batch={batch}, N, heads={heads}, "
-                f"head_dim={head_dim}), got {tuple(ak.shape)}"
+                f"head_dim={head_dim}) for global tokens or (batch={batch}, windows_h, "
+                f"windows_w, N, heads={heads}, head_dim={head_dim}) for per-window tokens, got "
+                f"{tuple(ak.shape)}"
             )
         if av.shape != ak.shape:
             raise ValueError(
@@ -208,8 +241,13 @@ def na2d(
             pair may hold None for an axis that keeps NATTEN's rule.
         rpb: optional ``(heads, 2*kh-1, 2*kw-1)`` relative positional bias table, read at
             ``(key - query) + k - 1`` per axis in dilation-group coordinates.
-        additional_keys, additional_values: optional ``(B, N, heads, head_dim)`` tokens every
-            query attends to besides its window, in the same softmax, without bias.
+        additional_keys, additional_values: optional extra tokens a query attends to besides its
+            window, in the same softmax, without bias. ``(B, N, heads, head_dim)``: global
+            tokens, seen by every query. ``(B, nh, nw, N, heads, head_dim)``: per-window tokens
+            for non-overlapping windows (``stride == kernel_size``, dilation 1; with or without
+            ``window_offset``): a query in window ``(m, n)`` sees ``additional_keys[:, m, n]``,
+            where ``nh``/``nw`` must equal the number of windows along each axis (stride tiles,
+            or cells of the offset grid; see ``axis_window_ids``).
         scale: logit scale, ``head_dim ** -0.5`` by default.
 
     Returns:
@@ -245,12 +283,27 @@ def na2d(
         valid = rows.valid[:, None, :, None] & cols.valid[None, :, None, :]
         logits = logits.masked_fill(~valid.reshape(height, width, 1, num_keys), float("-inf"))
 
-    if additional_keys is not None:
-        extra = torch.einsum("bxyhd,bnhd->bxyhn", query, additional_keys).to(acc) * scale
-        logits = torch.cat([logits, extra], dim=-1)
+    extra_k, extra_v = additional_keys, additional_values
+    if extra_k is not None and extra_k.dim() == 6:
+        # Per-window tokens: give every query the tokens of its window, (B, H, W, N, heads, D).
+        ids, counts = zip(*(axis_window_ids(length, k, s, d, o, query.device) for length, k, s, d, o
+                            in zip((height, width), kernel_size, stride, dilation, offset)))
+        if tuple(extra_k.shape[1:3]) != counts:
+            raise ValueError(
+                f"per-window additional_keys must have one entry per window, (windows_h, "
+                f"windows_w) = {counts}, got {tuple(extra_k.shape[1:3])}"
+            )
+        extra_k, extra_v = (t[:, ids[0]][:, :, ids[1]] for t in (extra_k, extra_v))
+        extra = torch.einsum("bxyhd,bxynhd->bxyhn", query, extra_k)
+    elif extra_k is not None:
+        extra = torch.einsum("bxyhd,bnhd->bxyhn", query, extra_k)
+    if extra_k is not None:
+        logits = torch.cat([logits, extra.to(acc) * scale], dim=-1)
 
     probs = logits.softmax(dim=-1).to(value.dtype)
     out = torch.einsum("bxyhk,bxykhd->bxyhd", probs[..., :num_keys], values)
-    if additional_keys is not None:
-        out = out + torch.einsum("bxyhn,bnhd->bxyhd", probs[..., num_keys:], additional_values)
+    if extra_v is not None and extra_v.dim() == 6:
+        out = out + torch.einsum("bxyhn,bxynhd->bxyhd", probs[..., num_keys:], extra_v)
+    elif extra_v is not None:
+        out = out + torch.einsum("bxyhn,bnhd->bxyhd", probs[..., num_keys:], extra_v)
     return out

@@ -225,6 +225,101 @@ def test_matches_dense_forward_and_grad(name, with_rpb):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
+# Per-window extra tokens (FasterViT's carrier tokens): window (m, n) of a non-overlapping window
+# grid owns N extra tokens that only its queries see. The witness numbers the windows by the
+# distinct key sets of the axis (sorted by their first key), independently of the op's formula.
+
+PER_WINDOW_CASES = {
+    "blocked": dict(shape=(8, 12), kernel_size=4, stride=4),
+    "blocked_ragged": dict(shape=(10, 9), kernel_size=4, stride=4),
+    "blocked_rect": dict(shape=(6, 10), kernel_size=(3, 5), stride=(3, 5)),
+    "shifted": dict(shape=(10, 9), kernel_size=(4, 3), stride=(4, 3), window_offset=(2, 1)),
+    "shifted_one_axis": dict(shape=(9, 8), kernel_size=(3, 4), stride=(3, 4),
+                             window_offset=(None, 2)),
+    "whole_map": dict(shape=(4, 6), kernel_size=(4, 6), stride=(4, 6)),
+}
+
+
+def axis_window_numbers(keys):
+    """Per position, the rank of its window's key set among the axis's distinct windows."""
+    distinct = sorted(set(tuple(k) for k in keys))
+    return [distinct.index(tuple(k)) for k in keys], len(distinct)
+
+
+def window_count(length, kernel, offset):
+    keys = (natten_axis_keys(length, kernel, kernel, 1) if offset is None
+            else partition_axis_keys(length, kernel, offset, 1))
+    return axis_window_numbers(keys)[1]
+
+
+def dense_na2d_per_window(q, k, v, kernel_size, stride, window_offset=None, rpb=None,
+                          extra_k=None, extra_v=None):
+    kernel, offset = pair(kernel_size), pair(window_offset)
+    b, height, width, heads, dim = q.shape
+    axes, numbers = [], []
+    for ax, length in enumerate((height, width)):
+        keys = (natten_axis_keys(length, kernel[ax], kernel[ax], 1) if offset[ax] is None
+                else partition_axis_keys(length, kernel[ax], offset[ax], 1))
+        axes.append(keys)
+        numbers.append(axis_window_numbers(keys))
+    (rows, nh), (cols, nw) = numbers
+    n_extra = extra_k.shape[3]
+    allowed, idx_h, idx_w = dense_mask_and_bias_index(axes[0], axes[1], (1, 1), kernel)
+    bias = None if rpb is None else rpb[:, idx_h, idx_w]
+    # All windows' extra tokens side by side as keys; a query may only see its own window's.
+    seen = torch.zeros(height * width, nh * nw * n_extra, dtype=torch.bool)
+    for qy in range(height):
+        for qx in range(width):
+            w = rows[qy] * nw + cols[qx]
+            seen[qy * width + qx, w * n_extra:(w + 1) * n_extra] = True
+    qf, kf, vf = (t.reshape(b, height * width, heads, dim) for t in (q, k, v))
+    ekf, evf = (t.reshape(b, nh * nw * n_extra, heads, dim) for t in (extra_k, extra_v))
+    logits = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * dim ** -0.5
+    if bias is not None:
+        logits = logits + bias
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    extra = torch.einsum("bqhd,bnhd->bhqn", qf, ekf) * dim ** -0.5
+    logits = torch.cat([logits, extra.masked_fill(~seen, float("-inf"))], -1)
+    out = torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), torch.cat([vf, evf], 1))
+    return out.reshape(b, height, width, heads, dim)
+
+
+@pytest.mark.parametrize("name", PER_WINDOW_CASES)
+@pytest.mark.parametrize("with_rpb", [False, True])
+def test_per_window_extra_tokens_match_dense(name, with_rpb):
+    case = dict(PER_WINDOW_CASES[name])
+    height, width = case.pop("shape")
+    kernel = pair(case["kernel_size"])
+    gen = torch.Generator().manual_seed(9)
+    batch, heads, dim, n_extra = 2, 3, 8, 4
+    q, k, v = (randn(batch, height, width, heads, dim, grad=True, gen=gen) for _ in range(3))
+    inputs, kw = [q, k, v], {}
+    if with_rpb:
+        kw["rpb"] = randn(heads, 2 * kernel[0] - 1, 2 * kernel[1] - 1, grad=True, gen=gen)
+        inputs.append(kw["rpb"])
+    nh, nw = (window_count(length, kernel[ax], pair(case.get("window_offset"))[ax])
+              for ax, length in enumerate((height, width)))
+    ek, ev = (randn(batch, nh, nw, n_extra, heads, dim, grad=True, gen=gen) for _ in range(2))
+    inputs += [ek, ev]
+    ours = na2d(q, k, v, **case, **kw, additional_keys=ek, additional_values=ev)
+    ref = dense_na2d_per_window(q, k, v, **case, **kw, extra_k=ek, extra_v=ev)
+    torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-10)
+    grad_out = torch.randn_like(ours)
+    for got, want in zip(torch.autograd.grad(ours, inputs, grad_out),
+                         torch.autograd.grad(ref, inputs, grad_out)):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_per_window_extra_tokens_flops_on_meta():
+    batch, height, width, heads, dim, n_extra = 2, 14, 21, 3, 16, 4
+    q = torch.empty(batch, height, width, heads, dim, device="meta")
+    e = torch.empty(batch, 2, 3, n_extra, heads, dim, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        out = na2d(q, q, q, 7, 7, additional_keys=e, additional_values=e)
+    assert out.shape == q.shape
+    assert counter.get_total_flops() == 2 * 2 * batch * height * width * heads * (49 + n_extra) * dim
+
+
 def test_offset_zero_equals_blocked():
     gen = torch.Generator().manual_seed(4)
     q, k, v = (randn(1, 12, 8, 2, 8, gen=gen) for _ in range(3))
@@ -384,6 +479,14 @@ def _qkv(shape=(1, 8, 8, 2, 4)):
     (lambda: na2d(*_qkv(), 3, additional_keys=torch.zeros(1, 3, 2, 4),
                   additional_values=torch.zeros(1, 2, 2, 4)), "additional_values must have"),
     (lambda: na2d(*_qkv()[:2], torch.zeros(1, 8, 8, 2, 4, dtype=torch.float64), 3), "dtype"),
+    (lambda: na2d(*_qkv(), 4, stride=2, additional_keys=torch.zeros(1, 2, 2, 3, 2, 4),
+                  additional_values=torch.zeros(1, 2, 2, 3, 2, 4)), "non-overlapping windows"),
+    (lambda: na2d(*_qkv(), 2, stride=2, dilation=2, additional_keys=torch.zeros(1, 2, 2, 3, 2, 4),
+                  additional_values=torch.zeros(1, 2, 2, 3, 2, 4)), "non-overlapping windows"),
+    (lambda: na2d(*_qkv(), 4, stride=4, additional_keys=torch.zeros(1, 2, 3, 3, 2, 4),
+                  additional_values=torch.zeros(1, 2, 3, 3, 2, 4)), "one entry per window"),
+    (lambda: na2d(*_qkv(), 4, stride=4, additional_keys=torch.zeros(1, 2, 2, 3, 2, 4),
+                  additional_values=torch.zeros(1, 2, 2, 2, 2, 4)), "additional_values must have"),
 ])
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
