@@ -1,5 +1,13 @@
-"""Functional attention ops of the zoo (installed as ``zoo.kernels``). No nn.Module here."""
+"""Functional attention ops of the zoo (installed as ``zoo.kernels``). No nn.Module here.
 
-from .neighborhood import AxisWindow, axis_window, na2d
+``na2d`` is the dispatching front (kernels/dispatch.py): the fused Triton kernel
+(kernels/triton_na.py) on CUDA where it applies, the plain-PyTorch reference
+(kernels/neighborhood.py, which defines the semantics) elsewhere.
+"""
 
-__all__ = ["na2d", "axis_window", "AxisWindow"]
+from .dispatch import BACKENDS, backend, na2d, selected_backend
+from .neighborhood import AxisWindow, axis_window
+from .neighborhood import na2d as na2d_reference
+
+__all__ = ["na2d", "na2d_reference", "backend", "selected_backend", "BACKENDS", "axis_window",
+           "AxisWindow"]
