@@ -369,3 +369,46 @@ def test_custom_op_opcheck():
     extra = torch.randn(1, 3, 2, 16, requires_grad=True)
     torch.library.opcheck(torch.ops.zoo.na2d_fwd.default,
                           (q, k, v, rpb, extra, extra, [3, 3], [1, 1], [1, 1], [-1, -1], 0.25))
+
+
+# ---------------------------------------------------------------------------------------------
+# The interpreter is lenient: compile the real kernels for an H100 (sm_90) without a GPU, so a
+# kernel that only the compiler rejects fails here too.
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="kernels are interpreted in this process")
+@pytest.mark.parametrize("dtype,head_dim", [("fp16", 32), ("bf16", 128)])
+def test_kernels_compile_for_sm90(dtype, head_dim):
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    geo = dict(KH=7, KW=5, SH=1, SW=5, DH=2, DW=1, OH=0, OW=2, PART_H=False, PART_W=True,
+               HEAD_DIM=head_dim, BLOCK_D=block_d)
+    p = "*" + dtype
+    kernels = [
+        (triton_na._na_fwd_kernel, dict(geo, TH=8, TW=8, BLOCK_N=64, HAS_RPB=True,
+                                        HAS_EXTRA=True, PRECISION="ieee")),
+        (triton_na._na_bwd_dq_kernel, dict(geo, TH=8, TW=8, BLOCK_N=64, HAS_RPB=True,
+                                           RPB_GRAD=True, HAS_EXTRA=True, PRECISION="ieee")),
+        (triton_na._na_bwd_dkdv_kernel, dict(geo, TH=8, TW=8, BLOCK_M=64, CAND_H=64, CAND_W=64,
+                                             HAS_RPB=True, PRECISION="ieee")),
+        (triton_na._na_bwd_extra_kernel, dict(BLOCK_M=64, BLOCK_N=64, HEAD_DIM=head_dim,
+                                              BLOCK_D=block_d, PRECISION="ieee")),
+    ]
+    fp32_ptrs = {"RPB", "LSE", "DELTA", "DRPB"}
+    for fn, consts in kernels:
+        signature = {}
+        for name in fn.arg_names:
+            if name in consts:
+                signature[name] = "constexpr"
+            elif name.isupper() and name not in ("H", "W", "NUM_HEADS", "N_EXTRA"):  # tensors
+                signature[name] = "*fp32" if name in fp32_ptrs else p
+            else:
+                signature[name] = "fp32" if name.endswith("scale") else "i32"
+        compiled = triton.compile(ASTSource(fn, signature, constexprs=consts),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=4, num_stages=2))
+        assert compiled.asm["cubin"], fn.__name__
