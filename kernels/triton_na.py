@@ -457,9 +457,6 @@ def interpreter_active() -> bool:
 
 def triton_supports(query: Tensor, rpb: Optional[Tensor] = None) -> Optional[str]:
     """None if the Triton path handles these tensors, else the reason it does not."""
-    if query.device.type != "cuda" and not (query.device.type == "cpu" and interpreter_active()):
-        return (f"tensors on {query.device.type}: the Triton kernel needs CUDA tensors (or CPU "
-                "tensors with TRITON_INTERPRET=1 set before triton was imported)")
     if query.dtype not in SUPPORTED_DTYPES:
         return f"dtype {query.dtype} (supported: float32, float16, bfloat16)"
     if rpb is not None and rpb.dtype not in SUPPORTED_DTYPES:
@@ -467,11 +464,10 @@ def triton_supports(query: Tensor, rpb: Optional[Tensor] = None) -> Optional[str
     head_dim = query.shape[-1]
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         return f"head_dim {head_dim} (supported: {MIN_HEAD_DIM} to {MAX_HEAD_DIM})"
+    if query.device.type != "cuda" and not (query.device.type == "cpu" and interpreter_active()):
+        return (f"tensors on {query.device.type}: the Triton kernel needs CUDA tensors (or CPU "
+                "tensors with TRITON_INTERPRET=1 set before triton was imported)")
     return None
-
-
-def _pow2_at_most(x: int) -> int:
-    return 1 << max(0, int(x).bit_length() - 1)
 
 
 def _patch_shape(block: int, lengths, kernel, stride, offset) -> Tuple[int, int]:
