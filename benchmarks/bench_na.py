@@ -1,0 +1,413 @@
+"""Speed and memory of generalized neighborhood attention, per family stage shape.
+
+For every family's attention at each stage (feature maps img/4 ... img/32) at 224 and 1024 px,
+time the forward and forward+backward and record the peak memory of:
+  triton        zoo.kernels.na2d forced to the fused Triton kernel
+  reference     zoo.kernels.na2d forced to the plain-PyTorch reference
+  flex          torch.compile'd flex_attention with the equivalent block mask (and the bias as a
+                score_mod, extra tokens appended to the keys)
+  natten        NATTEN's flex-fna backend, compiled (neighborhood cases only: no partition
+                offsets, and NATTEN takes no bias table, so it runs without one)
+  sdpa_dense    scaled_dot_product_attention over all tokens (no mask: the dense cost)
+  sdpa_windows  scaled_dot_product_attention over partitioned windows (blocked cases; the map
+                padded to a multiple of the window, without bias)
+
+Usage (GPU):  python benchmarks/bench_na.py [--img 224 1024] [--families nat swin ...]
+Results:      benchmarks/results/na_<gpu>.json and .png (the plot needs matplotlib).
+Check on CPU: python benchmarks/bench_na.py --device cpu --tiny  (tiny maps, one run of each
+              method that runs on the CPU, outputs compared with the reference: this validates
+              the masks, score_mods and window partitions the GPU run times).
+Never part of the test run; timings are never assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from zoo.kernels import backend, na2d
+from zoo.kernels.neighborhood import axis_window
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# heads per stage and head dim of each family's smallest variant; the attention pattern rule.
+FAMILIES = {
+    "nat": dict(heads=(2, 4, 8, 16), head_dim=32, pattern="sliding"),
+    "dinat": dict(heads=(2, 4, 8, 16), head_dim=32, pattern="dilated"),
+    "swin": dict(heads=(3, 6, 12, 24), head_dim=32, pattern="shifted"),
+    "maxvit_block": dict(heads=(2, 4, 8, 16), head_dim=32, pattern="blocked"),
+    "maxvit_grid": dict(heads=(2, 4, 8, 16), head_dim=32, pattern="grid"),
+    "cswin": dict(heads=(2, 4, 8, 16), head_dim=32, pattern="stripe"),
+    "fastervit": dict(heads=(2, 4, 8, 16), head_dim=32, pattern="carrier"),
+}
+KERNEL = 7
+CSWIN_STRIPES = (1, 2, 7, 7)
+
+
+def stage_case(pattern: str, stage: int, n: int) -> dict:
+    """na2d keyword arguments of one stage whose (square) map is n x n."""
+    k = min(KERNEL, n)
+    if pattern == "sliding":
+        return dict(kernel_size=k, rpb=True)
+    if pattern == "dilated":  # DiNAT: the largest dilation the map allows (8, 4, 2, 1 at 224)
+        return dict(kernel_size=k, dilation=max(1, n // k), rpb=True)
+    if pattern == "shifted":  # Swin: shift half a window where the map is longer than it
+        return dict(kernel_size=k, stride=k, window_offset=k // 2 if n > k else 0, rpb=True)
+    if pattern == "blocked":
+        return dict(kernel_size=k, stride=k, rpb=True)
+    if pattern == "grid":
+        return dict(kernel_size=k, stride=k, dilation=max(1, n // k), rpb=True)
+    if pattern == "stripe":  # CSWin's horizontal half (the vertical half is its transpose)
+        sw = min(CSWIN_STRIPES[stage], n)
+        return dict(kernel_size=(sw, n), stride=(sw, n), rpb=False, heads_factor=0.5)
+    if pattern == "carrier":  # FasterViT: windows plus one carrier token per window
+        return dict(kernel_size=k, stride=k, rpb=False, extra=math.ceil(n / k) ** 2)
+    raise ValueError(pattern)
+
+
+def pair(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and methods
+
+
+def make_inputs(batch, n, heads, head_dim, case, device, dtype):
+    kh, kw = pair(case["kernel_size"])
+    q, k, v = (torch.randn(batch, n, n, heads, head_dim, device=device, dtype=dtype)
+               for _ in range(3))
+    extra = {}
+    if case.get("rpb"):
+        extra["rpb"] = torch.randn(heads, 2 * kh - 1, 2 * kw - 1, device=device) * 0.1
+    if case.get("extra"):
+        ek, ev = (torch.randn(batch, case["extra"], heads, head_dim, device=device, dtype=dtype)
+                  for _ in range(2))
+        extra.update(additional_keys=ek, additional_values=ev)
+    return [q, k, v], extra
+
+
+def na_kwargs(case):
+    return {key: case[key] for key in ("kernel_size", "stride", "dilation", "window_offset")
+            if key in case}
+
+
+def method_na(name):
+    def build(qkv, extra, case):
+        kw = na_kwargs(case)
+
+        def run(q, k, v, **ex):
+            with backend(name):
+                return na2d(q, k, v, **kw, **ex)
+        return run
+    return build
+
+
+def flex_mask_and_bias(height, width, case, device):
+    """mask_mod and score_mod reproducing na2d on a flattened (H*W [+ extra]) key sequence,
+    built from the reference's own per-axis tables (which slot of which query holds which key)."""
+    kernel, stride, dilation = (pair(case.get(k, d)) for k, d in
+                                (("kernel_size", 1), ("stride", 1), ("dilation", 1)))
+    offset = pair(case.get("window_offset"))
+    tables = [axis_window(length, kk, s, d, o, device) for length, kk, s, d, o in
+              zip((height, width), kernel, stride, dilation, offset)]
+    # allowed[p, key] per axis, and the bias index of each allowed pair
+    allowed, bias_idx = [], []
+    for t, length in zip(tables, (height, width)):
+        a = torch.zeros(length, length, dtype=torch.bool, device=device)
+        b = torch.zeros(length, length, dtype=torch.long, device=device)
+        rows = torch.arange(length, device=device)[:, None].expand_as(t.key_index)
+        a[rows[t.valid], t.key_index[t.valid]] = True
+        b[rows[t.valid], t.key_index[t.valid]] = t.bias_index[t.valid]
+        allowed.append(a), bias_idx.append(b)
+    hw = height * width
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        kv = torch.clamp(kv_idx, max=hw - 1)
+        inside = allowed[0][q_idx // width, kv // width] & allowed[1][q_idx % width, kv % width]
+        return (kv_idx >= hw) | inside
+
+    def score_mod_for(rpb):
+        def score_mod(score, b, h, q_idx, kv_idx):
+            kv = torch.clamp(kv_idx, max=hw - 1)
+            bias = rpb[h, bias_idx[0][q_idx // width, kv // width],
+                       bias_idx[1][q_idx % width, kv % width]]
+            return torch.where(kv_idx >= hw, score, score + bias)
+        return score_mod
+    return mask_mod, score_mod_for
+
+
+def method_flex(compiled):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    attend = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+    def build(qkv, extra, case):
+        b, height, width, heads, dim = qkv[0].shape
+        n_extra = extra["additional_keys"].shape[1] if "additional_keys" in extra else 0
+        device = qkv[0].device
+        mask_mod, score_mod_for = flex_mask_and_bias(height, width, case, device)
+        kv_len = height * width + n_extra
+        block_mask = create_block_mask(mask_mod, None, None, height * width, kv_len,
+                                       device=str(device), _compile=compiled)
+
+        def run(q, k, v, rpb=None, additional_keys=None, additional_values=None):
+            flat = lambda t: t.reshape(b, -1, heads, dim).transpose(1, 2)
+            q_, k_, v_ = flat(q), flat(k), flat(v)
+            if additional_keys is not None:
+                k_ = torch.cat([k_, additional_keys.transpose(1, 2)], dim=2)
+                v_ = torch.cat([v_, additional_values.transpose(1, 2)], dim=2)
+            out = attend(q_, k_, v_, score_mod=None if rpb is None else score_mod_for(rpb),
+                         block_mask=block_mask)
+            return out.transpose(1, 2).reshape(b, height, width, heads, dim)
+        return run
+    return build
+
+
+def method_natten(compiled):
+    import natten
+
+    def build(qkv, extra, case):
+        if case.get("window_offset") not in (None, 0, (0, 0)):
+            return None  # partition offsets are not NATTEN windows
+        if min(pair(case["kernel_size"])) < 2:
+            return None  # NATTEN wants kernels of at least 2
+        kw = na_kwargs(case)
+        kw.pop("window_offset", None)
+
+        def run(q, k, v, rpb=None, **ex):  # NATTEN takes no bias table
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return natten.na2d(q, k, v, **kw, **ex, backend="flex-fna",
+                                   torch_compile=compiled)
+        return run
+    return build
+
+
+def build_sdpa_dense(qkv, extra, case):
+    def run(q, k, v, rpb=None, additional_keys=None, additional_values=None):
+        b, height, width, heads, dim = q.shape
+        flat = lambda t: t.reshape(b, -1, heads, dim).transpose(1, 2)
+        k_, v_ = flat(k), flat(v)
+        if additional_keys is not None:
+            k_ = torch.cat([k_, additional_keys.transpose(1, 2)], dim=2)
+            v_ = torch.cat([v_, additional_values.transpose(1, 2)], dim=2)
+        out = F.scaled_dot_product_attention(flat(q), k_, v_)
+        return out.transpose(1, 2).reshape(b, height, width, heads, dim)
+    return run
+
+
+def build_sdpa_windows(qkv, extra, case):
+    """Blocked cases: pad to whole windows, fold windows (and dilation groups) into the batch.
+    The cost of window attention; the same windows as na2d only where the map is a multiple of
+    the window and there is no shift (``run.exact``): a shifted case would add Swin's roll and
+    mask, a padded one attends to the padding where na2d shifts the last window inward."""
+    kernel, stride, dilation = (pair(case.get(k, d)) for k, d in
+                                (("kernel_size", 1), ("stride", 1), ("dilation", 1)))
+    if kernel != stride or "additional_keys" in extra:
+        return None
+    (kh, kw), (dh, dw) = kernel, dilation
+
+    def run(q, k, v, rpb=None):
+        b, height, width, heads, dim = q.shape
+        ph, pw = -height % (kh * dh), -width % (kw * dw)
+
+        def fold(t):
+            t = F.pad(t, (0, 0, 0, 0, 0, pw, 0, ph))
+            gh, gw = (height + ph) // (kh * dh), (width + pw) // (kw * dw)
+            # (b, gh, kh, dh, gw, kw, dw, heads, dim): window slots kh x kw, groups dh x dw
+            t = t.reshape(b, gh, kh, dh, gw, kw, dw, heads, dim)
+            t = t.permute(0, 1, 3, 4, 6, 7, 2, 5, 8)
+            return t.reshape(-1, heads, kh * kw, dim)
+
+        out = F.scaled_dot_product_attention(fold(q), fold(k), fold(v))
+        gh, gw = (height + ph) // (kh * dh), (width + pw) // (kw * dw)
+        out = out.reshape(b, gh, dh, gw, dw, heads, kh, kw, dim)
+        out = out.permute(0, 1, 6, 2, 3, 7, 4, 5, 8).reshape(b, height + ph, width + pw, heads,
+                                                             dim)
+        return out[:, :height, :width]
+
+    height, width = qkv[0].shape[1:3]
+    run.exact = (case.get("window_offset") in (None, 0, (0, 0))
+                 and height % (kh * dh) == 0 and width % (kw * dw) == 0)
+    return run
+
+
+def methods(device):
+    cuda = device == "cuda"
+    out = {"reference": method_na("reference"), "flex": method_flex(compiled=cuda),
+           "natten": method_natten(compiled=cuda), "sdpa_dense": build_sdpa_dense,
+           "sdpa_windows": build_sdpa_windows}
+    from zoo.kernels import triton_na
+    if cuda or triton_na.interpreter_active():
+        out = {"triton": method_na("triton"), **out}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement
+
+
+def measure(fn, inputs, extra, device, repeats, forward_only=False):
+    """(forward ms, forward+backward ms, peak MiB of forward+backward)."""
+    leaves = [t.detach().requires_grad_(not forward_only) for t in inputs]
+    ex = {k: t.detach().requires_grad_(not forward_only) for k, t in extra.items()}
+    grad = torch.randn_like(inputs[0])
+
+    def fwd():
+        with torch.no_grad():
+            fn(*leaves, **ex)
+
+    def fwd_bwd():
+        out = fn(*leaves, **ex)
+        out.backward(grad)
+        for t in leaves + list(ex.values()):
+            t.grad = None
+
+    if device != "cuda":  # one run each, for the --tiny check (flex has no CPU backward)
+        t0 = time.perf_counter()
+        fwd()
+        t1 = time.perf_counter()
+        if not forward_only:
+            fwd_bwd()
+        return (t1 - t0) * 1e3, None if forward_only else (time.perf_counter() - t1) * 1e3, None
+    from triton.testing import do_bench
+    fwd_bwd()  # compile / autotune outside the timing
+    t_fwd = do_bench(fwd, rep=repeats)
+    t_all = do_bench(fwd_bwd, rep=repeats)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    return t_fwd, t_all, (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def run(args):
+    device, dtype = args.device, getattr(torch, args.dtype)
+    all_methods = {k: v for k, v in methods(device).items() if k in args.methods}
+    records = []
+    for img in args.img:
+        batch = args.batch or (8 if img <= 256 else 1)
+        for family in args.families:
+            spec = FAMILIES[family]
+            for stage, heads in enumerate(spec["heads"]):
+                n = img // 2 ** (stage + 2)
+                case = stage_case(spec["pattern"], stage, n)
+                heads = max(1, int(heads * case.pop("heads_factor", 1)))
+                dim = spec["head_dim"]
+                if args.tiny:  # CPU check: small maps, few heads
+                    n, heads, dim, batch = max(min(n // 4, 16), 7), min(heads, 2), 16, 1
+                    case = stage_case(spec["pattern"], stage, n)
+                    case.pop("heads_factor", None)
+                inputs, extra = make_inputs(batch, n, heads, dim, case, device, dtype)
+                ref = None
+                for name, build in all_methods.items():
+                    rec = dict(img=img, family=family, stage=stage, map=n, batch=batch,
+                               heads=heads, head_dim=dim, dtype=args.dtype, method=name,
+                               case={k: v for k, v in case.items()})
+                    ex = {k: v for k, v in extra.items()
+                          if not (name in ("natten", "sdpa_dense", "sdpa_windows")
+                                  and k == "rpb")}
+                    rec["rpb"] = "rpb" in ex
+                    try:
+                        fn = build(inputs, ex, case)
+                        if fn is None:
+                            continue
+                        if args.tiny:  # validate the construction against the reference
+                            out = fn(*inputs, **ex)
+                            if ref is None or name == "reference":
+                                with backend("reference"):
+                                    ref = na2d(*inputs, **na_kwargs(case), **ex)
+                                    ref_norpb = na2d(*inputs, **na_kwargs(case), **{
+                                        k: v for k, v in extra.items() if k != "rpb"})
+                            want = ref if rec["rpb"] or "rpb" not in extra else ref_norpb
+                            if name != "sdpa_dense" and getattr(fn, "exact", True):
+                                rec["max_err_vs_reference"] = (out - want).abs().max().item()
+                        rec["fwd_ms"], rec["fwd_bwd_ms"], rec["peak_mib"] = measure(
+                            fn, inputs, ex, device, args.rep,
+                            forward_only=device == "cpu" and name in ("flex", "natten"))
+                    except torch.OutOfMemoryError:
+                        rec["error"] = "out of memory"
+                        torch.cuda.empty_cache()
+                    except Exception as e:  # keep going: one failing baseline is a result too
+                        rec["error"] = f"{type(e).__name__}: {e}"[:300]
+                    records.append(rec)
+                    print(json.dumps({k: rec.get(k) for k in (
+                        "img", "family", "stage", "map", "method", "fwd_ms", "fwd_bwd_ms",
+                        "peak_mib", "max_err_vs_reference", "error") if k in rec}), flush=True)
+    return records
+
+
+def plot(records, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    ok = [r for r in records if "fwd_bwd_ms" in r and r.get("fwd_bwd_ms")]
+    groups = sorted({(r["img"], r["family"]) for r in ok})
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 2.6 * len(groups)), squeeze=False)
+    for ax, (img, family) in zip(axes[:, 0], groups):
+        rows = [r for r in ok if r["img"] == img and r["family"] == family]
+        names = sorted({r["method"] for r in rows})
+        for i, name in enumerate(names):
+            pts = sorted((r["stage"], r["fwd_bwd_ms"]) for r in rows if r["method"] == name)
+            ax.bar([s + (i - len(names) / 2) * 0.8 / len(names) for s, _ in pts],
+                   [t for _, t in pts], width=0.8 / len(names), label=name)
+        ax.set_yscale("log")
+        ax.set_title(f"{family} @ {img}px: forward+backward (ms)")
+        ax.set_xticks(range(4), [f"stage {s + 1}" for s in range(4)])
+    axes[0, 0].legend(fontsize=7, ncol=len(names))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--img", type=int, nargs="+", default=[224, 1024])
+    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    p.add_argument("--methods", nargs="+", default=["triton", "reference", "flex", "natten",
+                                                   "sdpa_dense", "sdpa_windows"])
+    p.add_argument("--batch", type=int, default=0, help="0: 8 at 224 px, 1 at 1024 px")
+    p.add_argument("--rep", type=int, default=100, help="ms of timing per measurement")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny maps, one run each, outputs checked against the reference")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.device == "cpu":
+        if not args.tiny:
+            p.error("CPU runs are for checking the construction: add --tiny")
+        if args.dtype == "float16":
+            args.dtype = "float32"
+    records = run(args)
+    tag = torch.cuda.get_device_name().replace(" ", "_") if args.device == "cuda" else "cpu_tiny"
+    out = Path(args.out) if args.out else RESULTS / f"na_{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(torch=torch.__version__, device=tag, dtype=args.dtype, argv=sys.argv[1:])
+    out.write_text(json.dumps(dict(meta=meta, records=records), indent=1))
+    plot(records, out.with_suffix(".png"))
+    print(f"wrote {out}")
+    errors = [r for r in records if "error" in r]
+    bad = [r for r in records if r.get("max_err_vs_reference", 0) > 1e-3]
+    if args.tiny and (errors or bad):
+        print(f"{len(errors)} errors, {len(bad)} mismatches", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,715 @@
+"""Fused generalized neighborhood attention in Triton: forward, backward, autograd and custom op.
+
+Same contract as the reference ``kernels/neighborhood.py`` (read its docstring): per-axis kernel
+size, stride, dilation and window offset, a relative positional bias read from its table, extra
+global key/value tokens. Nothing of size (tokens x window) is ever written: the forward is an
+online softmax (flash-attention style) that stores the output and the log-sum-exp of each query;
+the backward recomputes the probabilities from them.
+
+Tiling. A program owns a 2-D patch of ``TH x TW`` queries inside one dilation group (so, in group
+coordinates, a contiguous rectangle). Along each axis the window start is a non-decreasing
+function of the query position for every rule, so the keys of the whole patch are the rectangle
+from the first query's window start to the last query's window end. The program walks that key
+rectangle flattened, ``BLOCK_N`` keys at a time, and masks each (query, key) pair with the exact
+per-query window test, so border handling, strides and clipped partitions all come from the same
+two formulas as the reference (``_window_start`` below mirrors ``_sliding_window_start`` and
+``_partition_window_start``).
+
+Backward (flash-attention-2 style): ``delta = rowsum(dO * O)`` in PyTorch, then
+* a dQ kernel over query patches, the same walk as the forward; it also accumulates the bias-table
+  gradient with atomics into a few copies of the table (spread over programs to limit contention),
+  summed afterwards;
+* a dK/dV kernel over key patches: the queries that can see a key patch form again a rectangle,
+  found by testing candidate queries within ``2k - 2`` of the patch (any query that sees key ``r``
+  is that close to it: its window holds its stride leader, which is within ``s - 1 < k`` of it);
+* a kernel for the extra tokens' dK/dV, which every query sees, looping over all queries.
+
+Logits are in the log2 domain (``exp2``); the stored log-sum-exp is too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+__all__ = ["na2d_triton", "triton_supports", "interpreter_active", "launch_config",
+           "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
+LOG2E = 1.4426950408889634
+
+
+# ---------------------------------------------------------------------------------------------
+# Device helpers
+
+
+@triton.jit
+def _window_start(i, n, K: tl.constexpr, S: tl.constexpr, OFFSET: tl.constexpr,
+                  PARTITION: tl.constexpr):
+    """First key (group coordinates) of the window of query ``i`` (>= 0) in a group of ``n``."""
+    if PARTITION:
+        # floor((i - OFFSET) / K) with a non-negative numerator (OFFSET < K)
+        start = ((i - OFFSET + K) // K - 1) * K + OFFSET
+    else:
+        leader = tl.minimum((i // S) * S + S // 2, n - 1)
+        start = tl.minimum(tl.maximum(leader - K // 2, 0), n - K)
+    return start
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """tl.dot with fp32 accumulation. PRECISION "upcast" multiplies in fp32: Triton's CPU
+    interpreter gets bf16 dots wrong (3.9), and bf16 products are exact in fp32 anyway."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _window_mask(qi, qj, kr, kc, sh, sw, KH: tl.constexpr, KW: tl.constexpr):
+    """[M, N] mask: key (kr, kc) lies in the window starting at (sh, sw) of each query."""
+    rows = (kr[None, :] >= sh[:, None]) & (kr[None, :] < sh[:, None] + KH)
+    cols = (kc[None, :] >= sw[:, None]) & (kc[None, :] < sw[:, None] + KW)
+    return rows & cols
+
+
+@triton.jit
+def _bias(RPB, head, qi, qj, kr, kc, mask, KH: tl.constexpr, KW: tl.constexpr):
+    """[M, N] bias read from the (heads, 2KH-1, 2KW-1) table at key - query + k - 1."""
+    bh = kr[None, :] - qi[:, None] + KH - 1
+    bw = kc[None, :] - qj[:, None] + KW - 1
+    ptr = RPB + head * (2 * KH - 1) * (2 * KW - 1) + bh * (2 * KW - 1) + bw
+    return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _decode_patch(pid, tiles_h, tiles_w, DW: tl.constexpr):
+    """Program id -> (dilation group row, group col, patch row index, patch col index)."""
+    tw = pid % tiles_w
+    rest = pid // tiles_w
+    th = rest % tiles_h
+    rest = rest // tiles_h
+    return rest // DW, rest % DW, th, tw
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+
+
+@triton.jit
+def _na_fwd_kernel(
+    Q, K, V, RPB, AK, AV, O, LSE,
+    s_b, s_y, s_x, s_h,  # strides of q/k/v/o (contiguous, head_dim stride 1)
+    s_eb, s_en, s_eh,  # strides of the extra tokens
+    H, W, NUM_HEADS, N_EXTRA, tiles_h, tiles_w, qk_scale,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr,
+    PART_H: tl.constexpr, PART_W: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, PRECISION: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = TH * TW
+    gh, gw, th, tw = _decode_patch(tl.program_id(0), tiles_h, tiles_w, DW)
+    bh_id = tl.program_id(1)
+    b = bh_id // NUM_HEADS
+    head = bh_id % NUM_HEADS
+    n_h = (H - gh + DH - 1) // DH
+    n_w = (W - gw + DW - 1) // DW
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    qi = th * TH + offs_m // TW
+    qj = tw * TW + offs_m % TW
+    q_ok = (qi < n_h) & (qj < n_w)
+    qi_c = tl.minimum(qi, n_h - 1)
+    qj_c = tl.minimum(qj, n_w - 1)
+    sh = _window_start(qi_c, n_h, KH, SH, OH, PART_H)
+    sw = _window_start(qj_c, n_w, KW, SW, OW, PART_W)
+
+    base = b * s_b + head * s_h
+    q_off = (qi_c * DH + gh) * s_y + (qj_c * DW + gw) * s_x
+    q = tl.load(Q + base + q_off[:, None] + offs_d[None, :],
+                mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+
+    # Key rectangle of the patch (window starts are monotone in the query position).
+    first_h = tl.minimum(th * TH, n_h - 1)
+    last_h = tl.minimum(th * TH + TH - 1, n_h - 1)
+    first_w = tl.minimum(tw * TW, n_w - 1)
+    last_w = tl.minimum(tw * TW + TW - 1, n_w - 1)
+    lo_h = tl.maximum(_window_start(first_h, n_h, KH, SH, OH, PART_H), 0)
+    hi_h = tl.minimum(_window_start(last_h, n_h, KH, SH, OH, PART_H) + KH, n_h)
+    lo_w = tl.maximum(_window_start(first_w, n_w, KW, SW, OW, PART_W), 0)
+    hi_w = tl.minimum(_window_start(last_w, n_w, KW, SW, OW, PART_W) + KW, n_w)
+    rect_w = tl.maximum(hi_w - lo_w, 1)
+    n_keys = (hi_h - lo_h) * rect_w
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, n_keys, BLOCK_N):
+        idx = start + offs_n
+        k_ok = idx < n_keys
+        kr = lo_h + idx // rect_w
+        kc = lo_w + idx % rect_w
+        k_off = (kr * DH + gh) * s_y + (kc * DW + gw) * s_x
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + base + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + base + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+        mask = _window_mask(qi, qj, kr, kc, sh, sw, KH, KW) & k_ok[None, :] & q_ok[:, None]
+        if HAS_RPB:
+            s += _bias(RPB, head, qi, qj, kr, kc, mask, KH, KW) * 1.4426950408889634
+        s = tl.where(mask, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+        m_i = m_new
+
+    if HAS_EXTRA:
+        e_base = b * s_eb + head * s_eh
+        for start in range(0, N_EXTRA, BLOCK_N):
+            idx = start + offs_n
+            e_ok = idx < N_EXTRA
+            e_mask = e_ok[:, None] & d_ok[None, :]
+            e_off = e_base + idx[:, None] * s_en + offs_d[None, :]
+            k = tl.load(AK + e_off, mask=e_mask, other=0.0)
+            v = tl.load(AV + e_off, mask=e_mask, other=0.0)
+            s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+            s = tl.where(e_ok[None, :] & q_ok[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+            m_i = m_new
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(O + base + q_off[:, None] + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=q_ok[:, None] & d_ok[None, :])
+    lse_off = bh_id * H * W + (qi_c * DH + gh) * W + (qj_c * DW + gw)
+    tl.store(LSE + lse_off, m_i + tl.log2(l_safe), mask=q_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: dQ (and the bias-table gradient) over query patches
+
+
+@triton.jit
+def _na_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, RPB, AK, AV, DQ, DRPB,
+    s_b, s_y, s_x, s_h, s_eb, s_en, s_eh,
+    H, W, NUM_HEADS, N_EXTRA, tiles_h, tiles_w, qk_scale, sm_scale, rpb_copies,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr,
+    PART_H: tl.constexpr, PART_W: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, HAS_EXTRA: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = TH * TW
+    pid = tl.program_id(0)
+    gh, gw, th, tw = _decode_patch(pid, tiles_h, tiles_w, DW)
+    bh_id = tl.program_id(1)
+    b = bh_id // NUM_HEADS
+    head = bh_id % NUM_HEADS
+    n_h = (H - gh + DH - 1) // DH
+    n_w = (W - gw + DW - 1) // DW
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    qi = th * TH + offs_m // TW
+    qj = tw * TW + offs_m % TW
+    q_ok = (qi < n_h) & (qj < n_w)
+    qi_c = tl.minimum(qi, n_h - 1)
+    qj_c = tl.minimum(qj, n_w - 1)
+    sh = _window_start(qi_c, n_h, KH, SH, OH, PART_H)
+    sw = _window_start(qj_c, n_w, KW, SW, OW, PART_W)
+
+    base = b * s_b + head * s_h
+    q_off = (qi_c * DH + gh) * s_y + (qj_c * DW + gw) * s_x
+    qd_mask = q_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + base + q_off[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
+    do = tl.load(DO + base + q_off[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
+    row = bh_id * H * W + (qi_c * DH + gh) * W + (qj_c * DW + gw)
+    lse = tl.load(LSE + row, mask=q_ok, other=0.0)
+    delta = tl.load(DELTA + row, mask=q_ok, other=0.0)
+    drpb_base = DRPB + (pid % rpb_copies) * NUM_HEADS * (2 * KH - 1) * (2 * KW - 1)
+
+    first_h = tl.minimum(th * TH, n_h - 1)
+    last_h = tl.minimum(th * TH + TH - 1, n_h - 1)
+    first_w = tl.minimum(tw * TW, n_w - 1)
+    last_w = tl.minimum(tw * TW + TW - 1, n_w - 1)
+    lo_h = tl.maximum(_window_start(first_h, n_h, KH, SH, OH, PART_H), 0)
+    hi_h = tl.minimum(_window_start(last_h, n_h, KH, SH, OH, PART_H) + KH, n_h)
+    lo_w = tl.maximum(_window_start(first_w, n_w, KW, SW, OW, PART_W), 0)
+    hi_w = tl.minimum(_window_start(last_w, n_w, KW, SW, OW, PART_W) + KW, n_w)
+    rect_w = tl.maximum(hi_w - lo_w, 1)
+    n_keys = (hi_h - lo_h) * rect_w
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, n_keys, BLOCK_N):
+        idx = start + offs_n
+        k_ok = idx < n_keys
+        kr = lo_h + idx // rect_w
+        kc = lo_w + idx % rect_w
+        k_off = (kr * DH + gh) * s_y + (kc * DW + gw) * s_x
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + base + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + base + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+        mask = _window_mask(qi, qj, kr, kc, sh, sw, KH, KW) & k_ok[None, :] & q_ok[:, None]
+        if HAS_RPB:
+            s += _bias(RPB, head, qi, qj, kr, kc, mask, KH, KW) * 1.4426950408889634
+        p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, PRECISION)
+        if RPB_GRAD:
+            bh = kr[None, :] - qi[:, None] + KH - 1
+            bw = kc[None, :] - qj[:, None] + KW - 1
+            ptr = drpb_base + head * (2 * KH - 1) * (2 * KW - 1) + bh * (2 * KW - 1) + bw
+            tl.atomic_add(ptr, ds, mask=mask)
+
+    if HAS_EXTRA:
+        e_base = b * s_eb + head * s_eh
+        for start in range(0, N_EXTRA, BLOCK_N):
+            idx = start + offs_n
+            e_ok = idx < N_EXTRA
+            e_mask = e_ok[:, None] & d_ok[None, :]
+            e_off = e_base + idx[:, None] * s_en + offs_d[None, :]
+            k = tl.load(AK + e_off, mask=e_mask, other=0.0)
+            v = tl.load(AV + e_off, mask=e_mask, other=0.0)
+            s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+            p = tl.where(e_ok[None, :] & q_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
+            dp = _dot(do, tl.trans(v), PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, PRECISION)
+
+    tl.store(DQ + base + q_off[:, None] + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=qd_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: dK/dV over key patches
+
+
+@triton.jit
+def _query_range(r_first, r_last, n, K: tl.constexpr, S: tl.constexpr, OFFSET: tl.constexpr,
+                 PARTITION: tl.constexpr, CAND: tl.constexpr):
+    """[lo, hi) of the queries (group coordinates) whose window meets keys [r_first, r_last]."""
+    cand = r_first - (2 * K - 2) + tl.arange(0, CAND)
+    ok = (cand >= 0) & (cand < n) & (cand <= r_last + 2 * K - 2)
+    start = _window_start(tl.minimum(tl.maximum(cand, 0), n - 1), n, K, S, OFFSET, PARTITION)
+    sees = ok & (start <= r_last) & (start + K > r_first)
+    lo = tl.min(tl.where(sees, cand, n), 0)
+    hi = tl.max(tl.where(sees, cand + 1, 0), 0)
+    return lo, tl.maximum(hi, lo)
+
+
+@triton.jit
+def _na_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, RPB, DK, DV,
+    s_b, s_y, s_x, s_h,
+    H, W, NUM_HEADS, tiles_h, tiles_w, qk_scale, sm_scale,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr,
+    PART_H: tl.constexpr, PART_W: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_M: tl.constexpr,
+    CAND_H: tl.constexpr, CAND_W: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_RPB: tl.constexpr, PRECISION: tl.constexpr,
+):
+    BLOCK_N: tl.constexpr = TH * TW  # keys of this program, a TH x TW patch of one group
+    gh, gw, th, tw = _decode_patch(tl.program_id(0), tiles_h, tiles_w, DW)
+    bh_id = tl.program_id(1)
+    b = bh_id // NUM_HEADS
+    head = bh_id % NUM_HEADS
+    n_h = (H - gh + DH - 1) // DH
+    n_w = (W - gw + DW - 1) // DW
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kr = th * TH + offs_n // TW
+    kc = tw * TW + offs_n % TW
+    k_ok = (kr < n_h) & (kc < n_w)
+    kr_c = tl.minimum(kr, n_h - 1)
+    kc_c = tl.minimum(kc, n_w - 1)
+
+    base = b * s_b + head * s_h
+    k_off = (kr_c * DH + gh) * s_y + (kc_c * DW + gw) * s_x
+    kd_mask = k_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + base + k_off[:, None] + offs_d[None, :], mask=kd_mask, other=0.0)
+    v = tl.load(V + base + k_off[:, None] + offs_d[None, :], mask=kd_mask, other=0.0)
+
+    lo_h, hi_h = _query_range(tl.minimum(th * TH, n_h - 1), tl.minimum(th * TH + TH - 1, n_h - 1),
+                              n_h, KH, SH, OH, PART_H, CAND_H)
+    lo_w, hi_w = _query_range(tl.minimum(tw * TW, n_w - 1), tl.minimum(tw * TW + TW - 1, n_w - 1),
+                              n_w, KW, SW, OW, PART_W, CAND_W)
+    rect_w = tl.maximum(hi_w - lo_w, 1)
+    n_queries = (hi_h - lo_h) * (hi_w - lo_w)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start in range(0, n_queries, BLOCK_M):
+        idx = start + offs_m
+        q_ok = idx < n_queries
+        qi = lo_h + idx // rect_w
+        qj = lo_w + idx % rect_w
+        sh = _window_start(qi, n_h, KH, SH, OH, PART_H)
+        sw = _window_start(qj, n_w, KW, SW, OW, PART_W)
+        q_off = (qi * DH + gh) * s_y + (qj * DW + gw) * s_x
+        qd_mask = q_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + base + q_off[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
+        do = tl.load(DO + base + q_off[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
+        row = bh_id * H * W + (qi * DH + gh) * W + (qj * DW + gw)
+        lse = tl.load(LSE + row, mask=q_ok, other=0.0)
+        delta = tl.load(DELTA + row, mask=q_ok, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+        mask = _window_mask(qi, qj, kr, kc, sh, sw, KH, KW) & k_ok[None, :] & q_ok[:, None]
+        if HAS_RPB:
+            s += _bias(RPB, head, qi, qj, kr, kc, mask, KH, KW) * 1.4426950408889634
+        p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION)
+        dp = _dot(do, tl.trans(v), PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
+
+    tl.store(DK + base + k_off[:, None] + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=kd_mask)
+    tl.store(DV + base + k_off[:, None] + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kd_mask)
+
+
+@triton.jit
+def _na_bwd_extra_kernel(
+    Q, DO, LSE, DELTA, AK, AV, DAK, DAV,
+    s_b, s_y, s_x, s_h, s_eb, s_en, s_eh,
+    H, W, NUM_HEADS, N_EXTRA, qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dK/dV of the extra tokens: every query sees them, so loop over all H*W queries."""
+    bh_id = tl.program_id(1)
+    b = bh_id // NUM_HEADS
+    head = bh_id % NUM_HEADS
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    e_ok = offs_n < N_EXTRA
+    e_mask = e_ok[:, None] & d_ok[None, :]
+    e_off = b * s_eb + head * s_eh + offs_n[:, None] * s_en + offs_d[None, :]
+    k = tl.load(AK + e_off, mask=e_mask, other=0.0)
+    v = tl.load(AV + e_off, mask=e_mask, other=0.0)
+    base = b * s_b + head * s_h
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start in range(0, H * W, BLOCK_M):
+        idx = start + offs_m
+        q_ok = idx < H * W
+        q_off = (idx // W) * s_y + (idx % W) * s_x
+        qd_mask = q_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + base + q_off[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
+        do = tl.load(DO + base + q_off[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
+        lse = tl.load(LSE + bh_id * H * W + idx, mask=q_ok, other=0.0)
+        delta = tl.load(DELTA + bh_id * H * W + idx, mask=q_ok, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+        p = tl.where(q_ok[:, None] & e_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION)
+        dp = _dot(do, tl.trans(v), PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
+
+    tl.store(DAK + e_off, (dk * sm_scale).to(DAK.dtype.element_ty), mask=e_mask)
+    tl.store(DAV + e_off, dv.to(DAV.dtype.element_ty), mask=e_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: launch configuration
+
+
+def interpreter_active() -> bool:
+    """True when this module's kernels were built by Triton's CPU interpreter
+    (``TRITON_INTERPRET=1`` was set before the module was imported)."""
+    return type(_na_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def triton_supports(query: Tensor, rpb: Optional[Tensor] = None) -> Optional[str]:
+    """None if the Triton path handles these tensors, else the reason it does not."""
+    if query.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {query.dtype} (supported: float32, float16, bfloat16)"
+    if rpb is not None and rpb.dtype not in SUPPORTED_DTYPES:
+        return f"rpb dtype {rpb.dtype}"
+    head_dim = query.shape[-1]
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        return f"head_dim {head_dim} (supported: {MIN_HEAD_DIM} to {MAX_HEAD_DIM})"
+    if query.device.type != "cuda" and not (query.device.type == "cpu" and interpreter_active()):
+        return (f"tensors on {query.device.type}: the Triton kernel needs CUDA tensors (or CPU "
+                "tensors with TRITON_INTERPRET=1 set before triton was imported)")
+    return None
+
+
+def _patch_shape(block: int, lengths, kernel, stride, offset) -> Tuple[int, int]:
+    """Pick a TH x TW = ``block`` patch minimising the keys walked in total (a rough model of
+    the work: patches per axis times the key-rectangle extent, padded to the block)."""
+    best = None
+    th = 1
+    while th <= block:
+        tw = block // th
+        work = 1.0
+        for n, t, k, s, o in zip(lengths, (th, tw), kernel, stride, offset):
+            patches = -(-n // t)
+            if o is None:
+                extent = min(t + k - 1, n)
+            else:
+                extent = min((-(-t // k) + 1) * k, n)
+            work *= patches * extent
+        if best is None or work < best[0]:
+            best = (work, th, tw)
+        th *= 2
+    return best[1], best[2]
+
+
+# Tests set this (via ``launch_config``) to walk several block shapes through small maps.
+_CONFIG_OVERRIDE: dict = {}
+
+
+@contextlib.contextmanager
+def launch_config(**cfg):
+    """Override the launch configuration (block_m, block_n, num_warps, num_stages) inside a
+    ``with`` block; block sizes are powers of two >= 16 (tl.dot's minimum)."""
+    old = dict(_CONFIG_OVERRIDE)
+    _CONFIG_OVERRIDE.update(cfg)
+    try:
+        yield
+    finally:
+        _CONFIG_OVERRIDE.clear()
+        _CONFIG_OVERRIDE.update(old)
+
+
+def _config(q: Tensor):
+    head_dim = q.shape[-1]
+    if q.device.type == "cpu":  # the interpreter: few big blocks cost less Python per element
+        cfg = dict(block_m=64, block_n=64, num_warps=1, num_stages=1)
+    elif head_dim <= 64:
+        cfg = dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
+    else:
+        cfg = dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    return {**cfg, **_CONFIG_OVERRIDE}
+
+
+def _precision(q: Tensor) -> str:
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        return "upcast"
+    if q.dtype == torch.float32 and q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+class _Geometry:
+    """Per-call constants shared by the launches."""
+
+    def __init__(self, q: Tensor, kernel_size, stride, dilation, offset):
+        _, self.H, self.W, self.heads, self.head_dim = q.shape
+        self.kernel, self.stride, self.dilation = kernel_size, stride, dilation
+        self.offset = tuple(None if o is None or o < 0 else o for o in offset)
+        self.cfg = _config(q)
+        # lengths of the largest dilation group on each axis
+        self.group_len = (-(-self.H // dilation[0]), -(-self.W // dilation[1]))
+
+    def patches(self, block: int):
+        th, tw = _patch_shape(block, self.group_len, self.kernel, self.stride, self.offset)
+        tiles = (-(-self.group_len[0] // th), -(-self.group_len[1] // tw))
+        grid0 = self.dilation[0] * self.dilation[1] * tiles[0] * tiles[1]
+        return th, tw, tiles, grid0
+
+    def constexprs(self):
+        (kh, kw), (sh, sw), (dh, dw), (oh, ow) = (self.kernel, self.stride, self.dilation,
+                                                  self.offset)
+        return dict(KH=kh, KW=kw, SH=sh, SW=sw, DH=dh, DW=dw, OH=oh or 0, OW=ow or 0,
+                    PART_H=oh is not None, PART_W=ow is not None,
+                    HEAD_DIM=self.head_dim, BLOCK_D=max(16, triton.next_power_of_2(self.head_dim)))
+
+
+def _extra_strides(ak: Optional[Tensor]):
+    return (0, 0, 0) if ak is None else (ak.stride(0), ak.stride(1), ak.stride(2))
+
+
+def _forward(q, k, v, rpb, ak, av, kernel_size, stride, dilation, offset, scale):
+    geo = _Geometry(q, kernel_size, stride, dilation, offset)
+    B = q.shape[0]
+    out = torch.empty_like(q)
+    lse = torch.empty(B, geo.heads, geo.H, geo.W, device=q.device, dtype=torch.float32)
+    th, tw, tiles, grid0 = geo.patches(geo.cfg["block_m"])
+    n_extra = 0 if ak is None else ak.shape[1]
+    dummy = q  # stands for absent optional tensors; never read (constexpr-disabled)
+    _na_fwd_kernel[(grid0, B * geo.heads)](
+        q, k, v, rpb if rpb is not None else dummy, ak if ak is not None else dummy,
+        av if av is not None else dummy, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3), *_extra_strides(ak),
+        geo.H, geo.W, geo.heads, n_extra, tiles[0], tiles[1], scale * LOG2E,
+        **geo.constexprs(), TH=th, TW=tw, BLOCK_N=geo.cfg["block_n"],
+        HAS_RPB=rpb is not None, HAS_EXTRA=ak is not None, PRECISION=_precision(q),
+        num_warps=geo.cfg["num_warps"], num_stages=geo.cfg["num_stages"],
+    )
+    return out, lse
+
+
+def _backward(grad_out, q, k, v, out, lse, rpb, ak, av, kernel_size, stride, dilation, offset,
+              scale, rpb_grad: bool):
+    geo = _Geometry(q, kernel_size, stride, dilation, offset)
+    B = q.shape[0]
+    grad_out = grad_out.contiguous()
+    delta = (out.float() * grad_out.float()).sum(-1).permute(0, 3, 1, 2).contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    n_extra = 0 if ak is None else ak.shape[1]
+    dummy = q
+    cx = geo.constexprs()
+    common = dict(num_warps=geo.cfg["num_warps"], num_stages=geo.cfg["num_stages"])
+    precision = _precision(q)
+    strides = (q.stride(0), q.stride(1), q.stride(2), q.stride(3))
+
+    th, tw, tiles, grid0 = geo.patches(geo.cfg["block_m"])
+    table = (2 * kernel_size[0] - 1) * (2 * kernel_size[1] - 1)
+    # Copies of the table spread the atomics of different programs over different addresses.
+    copies = max(1, min(32, grid0)) if rpb_grad else 1
+    drpb = torch.zeros(copies, geo.heads, table, device=q.device, dtype=torch.float32)
+    _na_bwd_dq_kernel[(grid0, B * geo.heads)](
+        q, k, v, grad_out, lse, delta, rpb if rpb is not None else dummy,
+        ak if ak is not None else dummy, av if av is not None else dummy, dq, drpb,
+        *strides, *_extra_strides(ak),
+        geo.H, geo.W, geo.heads, n_extra, tiles[0], tiles[1], scale * LOG2E, scale, copies,
+        **cx, TH=th, TW=tw, BLOCK_N=geo.cfg["block_n"], HAS_RPB=rpb is not None,
+        RPB_GRAD=rpb_grad, HAS_EXTRA=ak is not None, PRECISION=precision, **common,
+    )
+
+    th, tw, tiles, grid0 = geo.patches(geo.cfg["block_n"])
+    cand = tuple(triton.next_power_of_2(t + 4 * kk) for t, kk in zip((th, tw), kernel_size))
+    _na_bwd_dkdv_kernel[(grid0, B * geo.heads)](
+        q, k, v, grad_out, lse, delta, rpb if rpb is not None else dummy, dk, dv,
+        *strides, geo.H, geo.W, geo.heads, tiles[0], tiles[1], scale * LOG2E, scale,
+        **cx, TH=th, TW=tw, BLOCK_M=geo.cfg["block_m"], CAND_H=cand[0], CAND_W=cand[1],
+        HAS_RPB=rpb is not None, PRECISION=precision, **common,
+    )
+
+    dak = dav = None
+    if ak is not None:
+        dak, dav = torch.empty_like(ak), torch.empty_like(av)
+        block_n = geo.cfg["block_n"]
+        _na_bwd_extra_kernel[(triton.cdiv(n_extra, block_n), B * geo.heads)](
+            q, grad_out, lse, delta, ak, av, dak, dav, *strides, *_extra_strides(ak),
+            geo.H, geo.W, geo.heads, n_extra, scale * LOG2E, scale,
+            BLOCK_M=geo.cfg["block_m"], BLOCK_N=block_n, HEAD_DIM=cx["HEAD_DIM"],
+            BLOCK_D=cx["BLOCK_D"], PRECISION=precision, **common,
+        )
+    drpb_out = None
+    if rpb_grad:
+        drpb_out = drpb.sum(0).reshape(geo.heads, 2 * kernel_size[0] - 1,
+                                       2 * kernel_size[1] - 1).to(rpb.dtype)
+    return dq, dk, dv, drpb_out, dak, dav
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops (opaque to torch.compile) and autograd
+
+
+def _empty_like_none(t: Optional[Tensor], ref: Tensor) -> Tensor:
+    return t if t is not None else ref.new_empty(0)
+
+
+@torch.library.custom_op("zoo::na2d_fwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _na2d_fwd_op(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor],
+                 additional_keys: Optional[Tensor], additional_values: Optional[Tensor],
+                 kernel_size: List[int], stride: List[int], dilation: List[int],
+                 window_offset: List[int], scale: float) -> Tuple[Tensor, Tensor]:
+    return _forward(q, k, v, rpb, additional_keys, additional_values, tuple(kernel_size),
+                    tuple(stride), tuple(dilation), tuple(window_offset), scale)
+
+
+@_na2d_fwd_op.register_fake
+def _(q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation,
+      window_offset, scale):
+    B, H, W, heads, _ = q.shape
+    return torch.empty_like(q), q.new_empty(B, heads, H, W, dtype=torch.float32)
+
+
+@torch.library.custom_op("zoo::na2d_bwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _na2d_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                 rpb: Optional[Tensor], additional_keys: Optional[Tensor],
+                 additional_values: Optional[Tensor], kernel_size: List[int], stride: List[int],
+                 dilation: List[int], window_offset: List[int], scale: float, rpb_grad: bool
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _backward(grad_out, q, k, v, out, lse, rpb, additional_keys, additional_values,
+                      tuple(kernel_size), tuple(stride), tuple(dilation), tuple(window_offset),
+                      scale, rpb_grad)
+    # custom ops return tensors only: an absent gradient travels as an empty tensor
+    return tuple(_empty_like_none(g, q) for g in grads)
+
+
+@_na2d_bwd_op.register_fake
+def _(grad_out, q, k, v, out, lse, rpb, additional_keys, additional_values, kernel_size, stride,
+      dilation, window_offset, scale, rpb_grad):
+    drpb = torch.empty_like(rpb) if rpb_grad else q.new_empty(0)
+    if additional_keys is None:
+        dak = dav = q.new_empty(0)
+    else:
+        dak, dav = torch.empty_like(additional_keys), torch.empty_like(additional_values)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drpb, dak, dav
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, rpb, ak, av, kernel_size, stride, dilation, window_offset, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, rpb, ak, av)
+    ctx.args = (kernel_size, stride, dilation, window_offset, scale)
+    ctx.rpb_grad = rpb is not None and ctx.needs_input_grad[3]
+
+
+def _backward_rule(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, rpb, ak, av = ctx.saved_tensors
+    kernel_size, stride, dilation, window_offset, scale = ctx.args
+    dq, dk, dv, drpb, dak, dav = _na2d_bwd_op(grad_out, q, k, v, out, lse, rpb, ak, av,
+                                             kernel_size, stride, dilation, window_offset,
+                                             scale, ctx.rpb_grad)
+    return (dq, dk, dv, drpb if ctx.rpb_grad else None, dak if ak is not None else None,
+            dav if av is not None else None, None, None, None, None, None)
+
+
+_na2d_fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+def na2d_triton(query: Tensor, key: Tensor, value: Tensor, kernel_size: Sequence[int],
+                stride: Sequence[int], dilation: Sequence[int],
+                window_offset: Sequence[Optional[int]], rpb: Optional[Tensor] = None,
+                additional_keys: Optional[Tensor] = None,
+                additional_values: Optional[Tensor] = None,
+                scale: Optional[float] = None) -> Tensor:
+    """The Triton path of ``zoo.kernels.na2d``; arguments already validated, per-axis pairs."""
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    tensors = [t if t is None else t.contiguous() for t in
+               (query, key, value, rpb, additional_keys, additional_values)]
+    out, _ = _na2d_fwd_op(*tensors, list(kernel_size), list(stride), list(dilation),
+                          [-1 if o is None else o for o in window_offset], float(scale))
+    return out

@@ -1,0 +1,427 @@
+"""The fused Triton generalized neighborhood attention against the reference (zoo.kernels.na2d).
+
+Three runs of the same comparisons:
+* On the CPU, through Triton's interpreter, at small shapes. The interpreter is chosen when
+  ``triton.jit`` decorates the kernels, i.e. ``TRITON_INTERPRET=1`` must be set before
+  zoo.kernels is imported, which other test modules of the same pytest process have already done.
+  So ``test_interpreter_suite`` launches this file again in a fresh ``python -m pytest`` with the
+  variable set, and the interpreter tests skip themselves in any process where the kernels were
+  built without it. To see them one by one:
+  ``TRITON_INTERPRET=1 python -m pytest tests/test_triton_na.py -m "not gpu"``.
+* On a GPU (``@pytest.mark.gpu``, skipped without CUDA), at full model shapes.
+* Dispatch, custom-op and torch.compile checks that need neither.
+"""
+
+import os
+import random
+import re
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+from zoo.kernels import backend, na2d, na2d_reference, selected_backend
+
+triton_na = pytest.importorskip("zoo.kernels.triton_na")
+
+INTERPRETED = triton_na.interpreter_active()
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_suite")
+gpu = [pytest.mark.gpu,
+       pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+# max |triton - reference| <= TOL * max(1, max |reference|); the reference runs in fp32 on the
+# same (rounded) inputs, so half-precision tolerances cover the kernel's own roundings only.
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+
+def pair(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+
+
+def assert_close(got, want, tol, what):
+    err = (got.float() - want.float()).abs().max().item()
+    bound = tol * max(1.0, want.abs().max().item())
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
+
+
+def compare(case, device="cpu", tf32=False):
+    """Run one case through both backends; compare the output and every gradient."""
+    case = dict(case)
+    (batch, height, width, heads, dim), dtype = case.pop("shape"), case.pop("dtype")
+    extra, with_rpb, seed = case.pop("extra", 0), case.pop("rpb", True), case.pop("seed", 0)
+    launch = case.pop("launch", {})
+    kh, kw_ = pair(case["kernel_size"])
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, dt=dtype, s=1.0):
+        return (torch.randn(*shape, generator=gen) * s).to(device=device, dtype=dt)
+
+    inputs = [rand(batch, height, width, heads, dim) for _ in range(3)]
+    kw = dict(case)
+    if with_rpb:  # the table stays fp32, as under autocast
+        inputs.append(rand(heads, 2 * kh - 1, 2 * kw_ - 1, dt=torch.float32))
+    if extra:
+        inputs += [rand(batch, extra, heads, dim) for _ in range(2)]
+    grad_out = rand(batch, height, width, heads, dim)
+
+    def run(tensors, name, **cfg):
+        tensors = [t.detach().clone().requires_grad_() for t in tensors]
+        args = dict(kw)
+        rest = tensors[3:]
+        if with_rpb:
+            args["rpb"], rest = rest[0], rest[1:]
+        if extra:
+            args["additional_keys"], args["additional_values"] = rest
+        with backend(name), triton_na.launch_config(**cfg):
+            out = na2d(*tensors[:3], **args)
+        grads = torch.autograd.grad(out, tensors, grad_out.to(out.dtype))
+        return out, grads
+
+    out, grads = run(inputs, "triton", **launch)
+    assert out.dtype == dtype and all(g.dtype == t.dtype for g, t in zip(grads, inputs))
+    ref, ref_grads = run([t.float() for t in inputs], "reference")
+    tol = 2e-3 if (tf32 and dtype == torch.float32) else TOL[dtype]
+    assert_close(out, ref, tol, "output")
+    names = ["query", "key", "value"] + ["rpb"] * with_rpb + ["extra keys", "extra values"][:2 * (extra > 0)]
+    for name, got, want in zip(names, grads, ref_grads):
+        assert_close(got, want, tol, f"grad of {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Small cases for the interpreter: the named patterns, then seeded random ones over every knob.
+
+SMALL = (1, 9, 11, 2, 16)
+NAMED = {
+    "sliding": dict(kernel_size=3),
+    "sliding_rect_even": dict(kernel_size=(4, 5)),
+    "strided": dict(kernel_size=(5, 3), stride=(2, 3)),
+    "dilated": dict(kernel_size=3, dilation=(2, 3)),
+    "strided_dilated": dict(kernel_size=(3, 5), stride=(2, 4), dilation=(3, 2)),
+    "blocked_ragged": dict(kernel_size=4, stride=4),  # 9x11: last window shifted inward
+    "grid": dict(kernel_size=(3, 2), stride=(3, 2), dilation=(3, 5)),  # MaxViT grid
+    "shifted": dict(kernel_size=(4, 3), stride=(4, 3), window_offset=(2, 1)),  # Swin
+    "shifted_dilated": dict(kernel_size=2, stride=2, dilation=(2, 3), window_offset=(1, 1)),
+    "shifted_one_axis": dict(kernel_size=(3, 4), stride=(3, 4), window_offset=(None, 2)),
+    "stripe_rows": dict(kernel_size=(1, 11), stride=(1, 11)),  # CSWin, kernel 1 on an axis
+    "stripe_cols": dict(kernel_size=(9, 2), stride=(9, 2)),
+    "kernel_1_sliding": dict(kernel_size=(1, 5)),
+    "extra_sliding": dict(kernel_size=3, extra=4),  # FasterViT carrier tokens
+    "extra_shifted_many": dict(kernel_size=3, stride=3, window_offset=1, extra=21),
+    "no_rpb": dict(kernel_size=(3, 5), dilation=(2, 1), rpb=False),
+    "head_dim_24": dict(kernel_size=3, shape=(1, 7, 8, 1, 24)),
+    "head_dim_48_batch_2": dict(kernel_size=(3, 5), shape=(2, 6, 7, 2, 48), extra=2),
+    "scale": dict(kernel_size=3, scale=0.3),
+}
+NAMED_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def random_case(seed):
+    rng = random.Random(seed)
+    height, width = rng.randint(4, 13), rng.randint(4, 13)
+    kernel, stride, dilation, offset = [], [], [], []
+    for length in (height, width):
+        mode = rng.choice(["sliding", "sliding", "strided", "blocked", "partition", "stripe"])
+        d = rng.choice([1, 1, 1, 2, 3]) if length >= 6 else 1
+        n = length // d  # the shortest group holds at least this many tokens
+        k = rng.randint(1, min(n, 7))
+        s, o = 1, None
+        if mode == "strided":
+            s = rng.randint(1, k)
+        elif mode == "blocked":
+            s = k
+        elif mode == "partition":
+            s, o = k, rng.randrange(k)
+        elif mode == "stripe":
+            k = rng.choice([1, n])
+            s = k
+            if rng.random() < 0.5:
+                o = 0
+        kernel.append(k), stride.append(s), dilation.append(d), offset.append(o)
+    dtype = rng.choices([torch.float32, torch.float16, torch.bfloat16], [3, 1, 1])[0]
+    case = dict(shape=(1, height, width, rng.randint(1, 2), rng.choice([16, 16, 16, 32])),
+                dtype=dtype, kernel_size=tuple(kernel), stride=tuple(stride),
+                dilation=tuple(dilation), rpb=rng.random() < 0.7,
+                extra=rng.choice([0, 0, 0, 1, 3, 17]), seed=seed,
+                launch=dict(block_m=rng.choice([16, 32, 64, 64]), block_n=rng.choice([16, 32, 64, 64])))
+    if any(o is not None for o in offset):
+        case["window_offset"] = tuple(offset)
+    return case
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", NAMED_DTYPES, ids=str)
+@pytest.mark.parametrize("name", NAMED)
+def test_named_cases(name, dtype):
+    case = dict(NAMED[name])
+    case.setdefault("shape", SMALL)
+    # small blocks: several patches per map, so patch borders are crossed (fp32 with the
+    # smallest, which cost the interpreter most)
+    block = 16 if dtype == torch.float32 else 32
+    compare(dict(case, dtype=dtype, seed=zlib.crc32(name.encode()) % 1000,
+                 launch=dict(block_m=block, block_n=16)))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("seed", range(100))
+def test_random_cases(seed):
+    compare(random_case(seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# The interpreter run, launched from the ordinary test process.
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this process already is the interpreter run")
+def test_interpreter_suite():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("ZOO_ATTENTION_BACKEND", None)
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-m", "not gpu", "-p",
+           "no:cacheprovider", "-x", "--no-header"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    tail = (result.stdout + result.stderr)[-6000:]
+    assert result.returncode == 0, f"TRITON_INTERPRET=1 run failed:\n{tail}"
+    passed = re.search(r"(\d+) passed", tail)
+    assert passed and int(passed.group(1)) >= 150, tail  # the interpreter cases did run
+
+
+# ---------------------------------------------------------------------------------------------
+# Full model shapes on a GPU.
+
+FULL = (2, 56, 56, 2, 32)
+GPU_CASES = {
+    "nat_k7": dict(kernel_size=7),
+    "dinat_k7_d8": dict(kernel_size=7, dilation=8),
+    "dinat_k7_d4_ragged": dict(kernel_size=7, dilation=4, shape=(2, 28, 30, 4, 32)),
+    "swin_w7": dict(kernel_size=7, stride=7),
+    "swin_w7_shift3": dict(kernel_size=7, stride=7, window_offset=3),
+    "maxvit_block": dict(kernel_size=7, stride=7, rpb=True),
+    "maxvit_grid": dict(kernel_size=7, stride=7, dilation=8),
+    "cswin_stripe_h": dict(kernel_size=(7, 56), stride=(7, 56), rpb=False),
+    "cswin_stripe_w": dict(kernel_size=(56, 7), stride=(56, 7), rpb=False),
+    "fastervit_carriers": dict(kernel_size=7, stride=7, extra=16, shape=(2, 28, 28, 4, 32)),
+    "strided_gna": dict(kernel_size=(7, 9), stride=(2, 3), dilation=(2, 1)),
+    "nat_k7_dim64": dict(kernel_size=7, shape=(1, 28, 28, 4, 64)),
+    "nat_k7_dim128": dict(kernel_size=7, shape=(1, 14, 14, 8, 128)),
+    "nat_k13_dim96": dict(kernel_size=13, shape=(1, 28, 28, 2, 96)),
+}
+
+
+@pytest.mark.parametrize("dtype", NAMED_DTYPES, ids=str)
+@pytest.mark.parametrize("name", GPU_CASES)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_full_shapes(name, dtype):
+    case = dict(GPU_CASES[name])
+    case.setdefault("shape", FULL)
+    compare(dict(case, dtype=dtype, seed=1), device="cuda",
+            tf32=torch.backends.cuda.matmul.allow_tf32)
+
+
+@pytest.mark.parametrize("seed", range(100))
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_random_cases(seed):
+    case = random_case(seed)
+    case.pop("launch")  # the GPU's own launch configuration
+    compare(case, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_auto_dispatch_compile_and_memory():
+    q, k, v = (torch.randn(2, 56, 56, 2, 32, device="cuda", dtype=torch.float16,
+                           requires_grad=True) for _ in range(3))
+    rpb = torch.randn(2, 13, 13, device="cuda", requires_grad=True)
+    fn = torch.compile(lambda q, k, v, r: na2d(q, k, v, 7, rpb=r), fullgraph=True)
+
+    def peak(run):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = run()
+        out.sum().backward()
+        torch.cuda.synchronize()
+        return out, torch.cuda.max_memory_allocated() - base
+
+    out, triton_peak = peak(lambda: fn(q, k, v, rpb))  # auto: CUDA -> triton
+    with backend("reference"):
+        ref, ref_peak = peak(lambda: na2d(q, k, v, 7, rpb=rpb))
+    # the reference holds tokens x 49 gathered keys, values and probabilities; triton nothing
+    assert triton_peak < ref_peak / 4, (triton_peak, ref_peak)
+    assert_close(out, ref, TOL[torch.float16], "compiled output")
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch, custom op and torch.compile (no interpreter, no GPU needed).
+
+
+def _small(device="cpu", dtype=torch.float32, dim=16):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(1, 9, 11, 2, dim, generator=gen).to(device=device, dtype=dtype)
+            for _ in range(3)]
+
+
+def test_backend_selection(monkeypatch):
+    monkeypatch.delenv("ZOO_ATTENTION_BACKEND", raising=False)
+    assert selected_backend() == "auto"
+    monkeypatch.setenv("ZOO_ATTENTION_BACKEND", "reference")
+    assert selected_backend() == "reference"
+    with backend("triton"):
+        assert selected_backend() == "triton"
+        with backend("auto"):
+            assert selected_backend() == "auto"
+        assert selected_backend() == "triton"
+    assert selected_backend() == "reference"
+    monkeypatch.setenv("ZOO_ATTENTION_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="ZOO_ATTENTION_BACKEND must be one of"):
+        na2d(*_small(), 3)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with backend("fast"):
+            pass
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter accepts CPU tensors")
+def test_forced_triton_on_cpu_raises():
+    with backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        na2d(*_small(), 3)
+
+
+def test_forced_triton_unsupported_cases_raise():
+    with backend("triton"):
+        with pytest.raises(RuntimeError, match="head_dim 8"):
+            na2d(*_small(dim=8), 3)
+        with pytest.raises(RuntimeError, match="float64"):
+            na2d(*_small(dtype=torch.float64), 3)
+
+
+def test_per_window_extra_tokens_stay_on_the_reference():
+    """FasterViT's per-window carrier tokens (6-D extras) have no Triton path yet: forcing it says
+    so, and auto takes the reference."""
+    q, k, v = (t[:, :4, :6] for t in _small())
+    extra = torch.randn(q.shape[0], 2, 2, 3, q.shape[3], q.shape[4])
+    with backend("triton"), pytest.raises(RuntimeError, match="per-window extra tokens"):
+        na2d(q, k, v, (2, 3), (2, 3), additional_keys=extra, additional_values=extra)
+    with backend("auto"):
+        out = na2d(q, k, v, (2, 3), (2, 3), additional_keys=extra, additional_values=extra)
+    ref = na2d_reference(q, k, v, (2, 3), (2, 3), additional_keys=extra, additional_values=extra)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+def test_triton_supports_rules():
+    meta = lambda dim, dtype=torch.float16: torch.empty(1, 4, 4, 1, dim, device="meta",
+                                                        dtype=dtype)
+    assert "head_dim 8" in triton_na.triton_supports(meta(8))
+    assert "head_dim 256" in triton_na.triton_supports(meta(256))
+    assert "meta" in triton_na.triton_supports(meta(32))  # a device the kernel cannot run on
+
+
+def test_auto_on_cpu_is_the_reference():
+    q, k, v = _small()
+    rpb = torch.randn(2, 5, 5)
+    with backend("auto"):
+        out = na2d(q, k, v, 3, rpb=rpb)
+    torch.testing.assert_close(out, na2d_reference(q, k, v, 3, rpb=rpb), atol=0, rtol=0)
+
+
+def test_meta_keeps_reference_flops_and_custom_op_fake_shapes():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q = torch.empty(2, 14, 21, 3, 16, device="meta")
+    rpb = torch.empty(3, 13, 13, device="meta")
+    extra = torch.empty(2, 5, 3, 16, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        out = na2d(q, q, q, 7, rpb=rpb, additional_keys=extra, additional_values=extra)
+    assert out.shape == q.shape and counter.get_total_flops() == 4 * 2 * 14 * 21 * 3 * 54 * 16
+
+    with backend("triton"):  # forced on meta: the custom op's fake implementation
+        assert na2d(q, q, q, 7, rpb=rpb).shape == q.shape
+    out, lse = torch.ops.zoo.na2d_fwd(q, q, q, rpb, extra, extra, [7, 7], [1, 1], [1, 1],
+                                      [-1, -1], 0.25)
+    assert out.shape == q.shape and lse.shape == (2, 3, 14, 21) and lse.dtype == torch.float32
+    grads = torch.ops.zoo.na2d_bwd(q, q, q, q, out, lse, rpb, extra, extra, [7, 7], [1, 1],
+                                   [1, 1], [-1, -1], 0.25, True)
+    assert [g.shape for g in grads] == [q.shape] * 3 + [rpb.shape, extra.shape, extra.shape]
+
+
+def test_compile_fullgraph_reference():
+    q, k, v = (t.requires_grad_() for t in _small())
+    rpb = torch.randn(2, 9, 5, requires_grad=True)
+
+    def fn(q, k, v, rpb):
+        return na2d(q, k, v, (5, 3), dilation=(1, 2), rpb=rpb)
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v, rpb)
+    torch.testing.assert_close(out, fn(q, k, v, rpb), atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert rpb.grad is not None
+
+
+@needs_interpreter
+def test_compile_fullgraph_triton_custom_op():
+    q, k, v = (t.requires_grad_() for t in _small())
+    rpb = torch.randn(2, 5, 5, requires_grad=True)
+    torch._dynamo.reset()
+    with backend("triton"):
+        fn = torch.compile(lambda q, k, v, r: na2d(q, k, v, 3, rpb=r), fullgraph=True,
+                           backend="aot_eager")
+        out = fn(q, k, v, rpb)
+        eager = na2d(q, k, v, 3, rpb=rpb)
+    torch.testing.assert_close(out, eager)
+    out.sum().backward()
+    assert q.grad is not None and rpb.grad is not None
+
+
+@needs_interpreter
+def test_custom_op_opcheck():
+    q, k, v = (t.requires_grad_() for t in _small())
+    rpb = torch.randn(2, 5, 5, requires_grad=True)
+    extra = torch.randn(1, 3, 2, 16, requires_grad=True)
+    torch.library.opcheck(torch.ops.zoo.na2d_fwd.default,
+                          (q, k, v, rpb, extra, extra, [3, 3], [1, 1], [1, 1], [-1, -1], 0.25))
+
+
+# ---------------------------------------------------------------------------------------------
+# The interpreter is lenient: compile the real kernels for an H100 (sm_90) without a GPU, so a
+# kernel that only the compiler rejects fails here too.
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="kernels are interpreted in this process")
+@pytest.mark.parametrize("dtype,head_dim", [("fp16", 32), ("bf16", 128)])
+def test_kernels_compile_for_sm90(dtype, head_dim):
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    geo = dict(KH=7, KW=5, SH=1, SW=5, DH=2, DW=1, OH=0, OW=2, PART_H=False, PART_W=True,
+               HEAD_DIM=head_dim, BLOCK_D=block_d)
+    p = "*" + dtype
+    kernels = [
+        (triton_na._na_fwd_kernel, dict(geo, TH=8, TW=8, BLOCK_N=64, HAS_RPB=True,
+                                        HAS_EXTRA=True, PRECISION="ieee")),
+        (triton_na._na_bwd_dq_kernel, dict(geo, TH=8, TW=8, BLOCK_N=64, HAS_RPB=True,
+                                           RPB_GRAD=True, HAS_EXTRA=True, PRECISION="ieee")),
+        (triton_na._na_bwd_dkdv_kernel, dict(geo, TH=8, TW=8, BLOCK_M=64, CAND_H=64, CAND_W=64,
+                                             HAS_RPB=True, PRECISION="ieee")),
+        (triton_na._na_bwd_extra_kernel, dict(BLOCK_M=64, BLOCK_N=64, HEAD_DIM=head_dim,
+                                              BLOCK_D=block_d, PRECISION="ieee")),
+    ]
+    fp32_ptrs = {"RPB", "LSE", "DELTA", "DRPB"}
+    for fn, consts in kernels:
+        signature = {}
+        for name in fn.arg_names:
+            if name in consts:
+                signature[name] = "constexpr"
+            elif name.isupper() and name not in ("H", "W", "NUM_HEADS", "N_EXTRA"):  # tensors
+                signature[name] = "*fp32" if name in fp32_ptrs else p
+            else:
+                signature[name] = "fp32" if name.endswith("scale") else "i32"
+        compiled = triton.compile(ASTSource(fn, signature, constexprs=consts),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=4, num_stages=2))
+        assert compiled.asm["cubin"], fn.__name__
