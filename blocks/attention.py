@@ -19,6 +19,23 @@ def pair(v) -> tuple:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def check_positive(params: dict, key: str) -> None:
+    """Every axis of ``params[key]`` (an int or a pair) is at least 1."""
+    for v in pair(params[key]):
+        if v < 1:
+            raise SpecError(key, f"must be >= 1, got {v}")
+
+
+def bias_table(heads: int, window) -> nn.Parameter:
+    """A relative positional bias table (heads, 2*wh - 1, 2*ww - 1), indexed by key - query
+    (NATTEN's convention, which ``zoo.kernels.na2d`` reads); tables of the other convention are
+    flipped by the checkpoint converters."""
+    wh, ww = pair(window)
+    table = nn.Parameter(torch.zeros(heads, 2 * wh - 1, 2 * ww - 1))
+    nn.init.trunc_normal_(table, std=0.02)
+    return table
+
+
 class QKVAttention(nn.Module):
     """Channels-last input (B, H, W, C) -> q, k, v as (B, H, W, heads, head_dim); then proj."""
 

@@ -33,7 +33,7 @@ from timm.layers import SEModule
 from torch import nn
 
 from ..kernels import na2d
-from .attention import check_heads, pair
+from .attention import bias_table, check_heads, check_positive, pair
 from .layers import NCHW, NHWC, LayerNorm2d
 from .registry import Pair, SpecError, register
 
@@ -127,17 +127,12 @@ class GCViTWindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, (2 if global_query else 3) * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        wh, ww = self.window_size
-        # Indexed by key - query (the zoo's convention); timm's table is converted on loading.
-        self.rpb = nn.Parameter(torch.zeros(heads, 2 * wh - 1, 2 * ww - 1))
-        nn.init.trunc_normal_(self.rpb, std=0.02)
+        self.rpb = bias_table(heads, self.window_size)  # timm's table is converted on loading
 
     @classmethod
     def check(cls, params: dict, ctx: dict) -> None:
         check_heads(params, ctx)
-        for w in pair(params["window_size"]):
-            if w < 1:
-                raise SpecError("window_size", f"must be >= 1, got {w}")
+        check_positive(params, "window_size")
 
     def _global_queries(self, q_global: Optional[torch.Tensor], batch: int, grid) -> torch.Tensor:
         if q_global is None:

@@ -35,7 +35,7 @@ from timm.layers import DropPath, create_conv2d
 from torch import nn
 
 from ..kernels import na2d
-from .attention import QKVAttention, check_heads, pair
+from .attention import QKVAttention, bias_table, check_heads, check_positive, pair
 from .layers import ACTIVATIONS, NCHW, NHWC
 from .registry import Pair, SpecError, register
 
@@ -191,17 +191,12 @@ class GridAttention(QKVAttention):
                  proj_drop: float = 0.0):
         super().__init__(dim, heads, qkv_bias, proj_drop)
         self.grid_size = pair(grid_size)
-        gh, gw = self.grid_size
-        # Indexed by key - query (NATTEN's convention) in grid coordinates, as TF MaxViT's table.
-        self.rpb = nn.Parameter(torch.zeros(heads, 2 * gh - 1, 2 * gw - 1))
-        nn.init.trunc_normal_(self.rpb, std=0.02)
+        self.rpb = bias_table(heads, self.grid_size)  # in grid coordinates, as TF MaxViT's table
 
     @classmethod
     def check(cls, params: dict, ctx: dict) -> None:
         check_heads(params, ctx)
-        for g in pair(params["grid_size"]):
-            if g < 1:
-                raise SpecError("grid_size", f"must be >= 1, got {g}")
+        check_positive(params, "grid_size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape

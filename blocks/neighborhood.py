@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..kernels import na2d
-from .attention import QKVAttention, check_heads, pair
+from .attention import QKVAttention, bias_table, check_heads, pair
 from .layers import NHWC
 from .registry import Pair, SpecError, register
 
@@ -28,8 +27,7 @@ class NeighborhoodAttention(QKVAttention):
         self.dilation = pair(dilation)
         kh, kw = self.kernel_size
         if rel_pos_bias:
-            self.rpb = nn.Parameter(torch.zeros(heads, 2 * kh - 1, 2 * kw - 1))
-            nn.init.trunc_normal_(self.rpb, std=0.02)
+            self.rpb = bias_table(heads, self.kernel_size)
         else:
             self.register_parameter("rpb", None)
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..kernels import na2d
-from .attention import QKVAttention, check_heads, pair
+from .attention import QKVAttention, bias_table, check_heads, check_positive, pair
 from .layers import NHWC
-from .registry import Pair, SpecError, register
+from .registry import Pair, register
 
 
 @register("mixer", "window")
@@ -28,16 +27,12 @@ class WindowAttention(QKVAttention):
         super().__init__(dim, heads, qkv_bias, proj_drop)
         self.window_size = pair(window_size)
         self.shift = shift
-        wh, ww = self.window_size
-        self.rpb = nn.Parameter(torch.zeros(heads, 2 * wh - 1, 2 * ww - 1))
-        nn.init.trunc_normal_(self.rpb, std=0.02)
+        self.rpb = bias_table(heads, self.window_size)
 
     @classmethod
     def check(cls, params: dict, ctx: dict) -> None:
         check_heads(params, ctx)
-        for w in pair(params["window_size"]):
-            if w < 1:
-                raise SpecError("window_size", f"must be >= 1, got {w}")
+        check_positive(params, "window_size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape

@@ -70,19 +70,6 @@ def test_golden_logits_of_the_authors_model(tmp_path):
     torch.testing.assert_close(logits_odd, torch.tensor([fixture["logits_65x97"]]), rtol=0, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return timm.create_model("zoo_biformer_tiny").eval()
-
-
-@pytest.mark.parametrize("size", [(32, 32), (65, 97), (224, 224), (300, 200)])
-def test_any_input_size(tiny, size):
-    with torch.no_grad():
-        out = tiny(torch.randn(1, 3, *size))
-    assert out.shape == (1, 1000) and torch.isfinite(out).all()
-
-
 def test_features_only_strides():
     model = timm.create_model("zoo_biformer_tiny", features_only=True, out_indices=(0, 1, 2, 3)).eval()
     assert model.feature_info.reduction() == [4, 8, 16, 32]

@@ -125,18 +125,6 @@ def test_layer_scale_and_propagation_match_authors(authors):
         torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=0)
 
 
-@pytest.fixture(scope="module")
-def model_0():
-    return timm.create_model("zoo_fastervit_0").eval()
-
-
-@pytest.mark.parametrize("size", [(32, 32), (65, 97), (224, 224), (300, 200)])
-def test_any_input_size(model_0, size):
-    with torch.no_grad():
-        out = model_0(torch.randn(1, 3, *size))
-    assert out.shape == (1, 1000) and torch.isfinite(out).all()
-
-
 def test_features_only_strides():
     model = timm.create_model("zoo_fastervit_0", features_only=True, out_indices=(0, 1, 2, 3)).eval()
     assert model.feature_info.reduction() == [4, 8, 16, 32]

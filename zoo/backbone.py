@@ -1,7 +1,6 @@
 """The one model class: stem -> stages -> norm -> head, speaking timm's model API."""
 from __future__ import annotations
 
-from functools import partial
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -11,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from zoo.blocks import build, lookup
-from zoo.blocks.layers import NCHW, NHWC, to_layout
+from zoo.blocks.layers import NCHW, to_layout
 from zoo.config import MIN_INPUT, ModelConfig, StageConfig, load_config
 
 
