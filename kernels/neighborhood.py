@@ -37,6 +37,8 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .blocked import axis_plan, blocked_na2d
+
 __all__ = ["na2d", "AxisWindow", "axis_window", "axis_window_ids", "check_axis_args"]
 
 IntPair = Union[int, Sequence[int]]
@@ -264,6 +266,17 @@ def na2d(
         check_axis_args(length, k, s, d, o, axis)
     if scale is None:
         scale = head_dim ** -0.5
+
+    # Whole windows on both axes (Swin, MaxViT, GC-ViT, CSWin, FasterViT, HiLo after their
+    # padding) are a reshape of the map: no per-query gather (kernels/blocked.py).
+    plans = [axis_plan(length, k, s, d, o) for length, k, s, d, o
+             in zip((height, width), kernel_size, stride, dilation, offset)]
+    per_window = additional_keys is not None and additional_keys.dim() == 6
+    if all(plans) and (not per_window or (
+            all(p.roll == 0 and p.dilation == 1 for p in plans)
+            and tuple(additional_keys.shape[1:3]) == tuple(p.windows for p in plans))):
+        return blocked_na2d(query, key, value, *plans, rpb=rpb, additional_keys=additional_keys,
+                            additional_values=additional_values, scale=scale)
 
     rows = axis_window(height, kernel_size[0], stride[0], dilation[0], offset[0], query.device)
     cols = axis_window(width, kernel_size[1], stride[1], dilation[1], offset[1], query.device)

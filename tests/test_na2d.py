@@ -491,3 +491,55 @@ def _qkv(shape=(1, 8, 8, 2, 4)):
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# Whole windows take the reshape path of kernels/blocked.py; it must equal the general gather path.
+BLOCKED_CASES = [
+    dict(hw=(14, 21), kernel_size=7, stride=7, window_offset=(0, 0)),            # Swin / GC-ViT
+    dict(hw=(14, 21), kernel_size=7, stride=7, window_offset=(3, 3)),            # shifted
+    dict(hw=(12, 8), kernel_size=(4, 2), stride=(4, 2), window_offset=(0, 1)),   # offset on one axis
+    dict(hw=(12, 18), kernel_size=(3, 3), stride=(3, 3), dilation=(4, 6)),       # MaxViT grid
+    dict(hw=(12, 10), kernel_size=(12, 2), stride=(12, 2)),                      # CSWin stripes
+    dict(hw=(8, 6), kernel_size=2, stride=2, extra=4),                           # global extras
+    dict(hw=(8, 6), kernel_size=2, stride=2, per_window=3),                      # FasterViT carriers
+]
+
+
+@pytest.mark.parametrize("case", BLOCKED_CASES, ids=[str(i) for i in range(len(BLOCKED_CASES))])
+def test_blocked_path_equals_general_path(case, monkeypatch):
+    import zoo.kernels.neighborhood as nb
+
+    case = dict(case)
+    (h, w), heads, d = case.pop("hw"), 2, 8
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, h, w, heads, d, dtype=torch.float64, generator=gen, requires_grad=True)
+               for _ in range(3))
+    ks = case["kernel_size"] if isinstance(case["kernel_size"], tuple) else (case["kernel_size"],) * 2
+    rpb = torch.randn(heads, 2 * ks[0] - 1, 2 * ks[1] - 1, dtype=torch.float64, generator=gen,
+                      requires_grad=True)
+    extras = {}
+    if "extra" in case:
+        n = case.pop("extra")
+        extras = {f"additional_{t}": torch.randn(2, n, heads, d, dtype=torch.float64, generator=gen)
+                  for t in ("keys", "values")}
+    if "per_window" in case:
+        n = case.pop("per_window")
+        extras = {f"additional_{t}": torch.randn(2, h // ks[0], w // ks[1], n, heads, d, dtype=torch.float64,
+                                                 generator=gen) for t in ("keys", "values")}
+    inputs = [q, k, v, rpb]
+
+    def run():
+        out = nb.na2d(q, k, v, rpb=rpb, **case, **extras)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype)
+                                     .reshape(out.shape)).sum(), inputs)
+        return out, grads
+
+    fast, fast_grads = run()
+    calls = []
+    real_plan = nb.axis_plan
+    monkeypatch.setattr(nb, "axis_plan", lambda *a: calls.append(real_plan(*a)) or None)
+    general, general_grads = run()
+    assert calls and all(calls), "the case should qualify for the blocked path"
+    torch.testing.assert_close(fast, general, atol=1e-10, rtol=0)
+    for a, b in zip(fast_grads, general_grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
