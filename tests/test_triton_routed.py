@@ -118,7 +118,8 @@ def random_case(seed):
     topk = rng.choice([1, rng.randint(1, regions), regions])
     batch = rng.choice([1, 1, 2])
     return dict(batch=batch, grid=grid, region=region, topk=topk,
-                heads=rng.randint(1, 3 - batch),  # batch x heads <= 2: interpreter time dim=16, v_dim=rng.choice([16, 16, 16, 32]),
+                heads=rng.randint(1, 3 - batch),  # batch x heads <= 2: interpreter time
+                dim=16, v_dim=rng.choice([16, 16, 16, 32]),
                 dtype=rng.choices(DTYPES, [2, 1, 1])[0], scale=rng.choice([None, 0.25, 1.0]),
                 repeats=rng.choice([0, 0, 0, 1, 2]) if topk > 1 else 0,
                 index_dtype=rng.choice([torch.int64, torch.int32]), seed=seed,
