@@ -1,9 +1,11 @@
-"""One front for generalized neighborhood attention: validate, then pick a backend.
+"""The fronts of the attention ops: validate, then pick a backend. ``na2d`` (generalized
+neighborhood attention) and ``routed_attention`` (BiFormer's region-to-region attention) follow
+the same rules:
 
 * ``auto`` (default): the fused Triton kernel for CUDA tensors it supports (see
-  ``triton_na.triton_supports``), the plain-PyTorch reference everywhere else: CPU, the meta
-  device (so ``FlopCounterMode`` on meta keeps counting the reference's matmuls), float64, head
-  dims outside 16..128.
+  ``triton_na.triton_supports`` and ``triton_routed.triton_supports``), the plain-PyTorch
+  reference everywhere else: CPU, the meta device (so ``FlopCounterMode`` on meta keeps counting
+  the reference's matmuls), float64, head dims (and routed value dims) outside 16..128.
 * ``reference`` / ``triton``: forced, by the environment variable ``ZOO_ATTENTION_BACKEND`` or,
   taking precedence, by the context manager ``zoo.kernels.backend("triton")``. Forcing triton
   on tensors it cannot take raises; CPU tensors are accepted only when Triton's interpreter is
@@ -15,14 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence, Union
 
 from torch import Tensor
 
-from . import neighborhood
+from . import neighborhood, routed
 from .neighborhood import IntPair, _check_tensors, _pair, check_axis_args
 
-__all__ = ["na2d", "backend", "selected_backend", "BACKENDS", "ENV_VAR"]
+__all__ = ["na2d", "routed_attention", "backend", "selected_backend", "BACKENDS", "ENV_VAR"]
 
 BACKENDS = ("auto", "reference", "triton")
 ENV_VAR = "ZOO_ATTENTION_BACKEND"
@@ -31,8 +33,10 @@ _forced: list = []  # stack of names set by ``backend(...)``; a plain list so dy
 try:  # triton is a Linux-only dependency; without it everything runs the reference
     from . import triton_na
 except ImportError as error:  # pragma: no cover - depends on the platform
-    triton_na = None
+    triton_na = triton_routed = None
     _TRITON_IMPORT_ERROR = str(error)
+else:
+    from . import triton_routed
 
 
 def _check_name(name: str, source: str) -> str:
@@ -69,6 +73,19 @@ def _triton_unsupported(query: Tensor, rpb: Optional[Tensor],
     return triton_na.triton_supports(query, rpb)
 
 
+def _use_triton(query: Tensor, unsupported) -> bool:
+    """The backend decision: ``unsupported()`` gives None or why the Triton path cannot run."""
+    name = selected_backend()
+    if name == "auto":
+        return query.device.type == "cuda" and unsupported() is None
+    if name == "triton":
+        reason = unsupported()
+        if reason is not None:
+            raise RuntimeError(f"{ENV_VAR}/backend forces 'triton' but it cannot run: {reason}")
+        return True
+    return False
+
+
 def na2d(
     query: Tensor,
     key: Tensor,
@@ -94,16 +111,7 @@ def na2d(
                                         dilations, offset):
         check_axis_args(length, k, s, d, o, axis)
 
-    name = selected_backend()
-    if name == "auto":
-        use_triton = query.device.type == "cuda" and _triton_unsupported(query, rpb, additional_keys) is None
-    elif name == "triton":
-        reason = _triton_unsupported(query, rpb, additional_keys)
-        if reason is not None:
-            raise RuntimeError(f"{ENV_VAR}/backend forces 'triton' but it cannot run: {reason}")
-        use_triton = True
-    else:
-        use_triton = False
+    use_triton = _use_triton(query, lambda: _triton_unsupported(query, rpb, additional_keys))
 
     kw = dict(rpb=rpb, additional_keys=additional_keys, additional_values=additional_values,
               scale=scale)
@@ -111,3 +119,29 @@ def na2d(
         return triton_na.na2d_triton(query, key, value, kernel, strides, dilations, offset, **kw)
     return neighborhood.na2d(query, key, value, kernel, strides, dilations,
                              window_offset=window_offset, **kw)
+
+
+def _routed_triton_unsupported(query: Tensor, value: Tensor) -> Optional[str]:
+    if triton_routed is None:
+        return f"triton is not importable ({_TRITON_IMPORT_ERROR})"
+    if query.device.type == "meta":
+        return None  # the custom op's fake implementation gives the shapes
+    return triton_routed.triton_supports(query, value)
+
+
+def routed_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    region_index: Tensor,
+    region_size: Union[int, Sequence[int]],
+    scale: Optional[float] = None,
+) -> Tensor:
+    """Routed (region-to-region) attention; arguments and semantics of
+    ``kernels.routed.routed_attention`` (the reference, which defines the op)."""
+    rh, rw = routed._region_pair(region_size)
+    routed._check(query, key, value, region_index, rh, rw)
+    if _use_triton(query, lambda: _routed_triton_unsupported(query, value)):
+        return triton_routed.routed_attention_triton(query, key, value, region_index, (rh, rw),
+                                                     scale=scale)
+    return routed.routed_attention(query, key, value, region_index, (rh, rw), scale=scale)

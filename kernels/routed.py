@@ -19,8 +19,9 @@ by all heads. Indices are not range-checked here (that would need the tensor's v
 meta device does not have); out-of-range indices raise inside the gather on CPU/CUDA tensors.
 
 Regions must tile the map exactly: callers pad first (BiFormer pads bottom/right to a multiple of
-its grid, see blocks/biformer.py). The fused Triton kernel is meant to read the key/value tiles of
-the routed regions straight from the ``(B, H, W, heads, D)`` tensors, with the same formulas as
+its grid, see blocks/biformer.py). The fused Triton kernel (kernels/triton_routed.py, chosen by
+``zoo.kernels.routed_attention``'s dispatch, kernels/dispatch.py) reads the key/value rows of the
+routed regions straight from the ``(B, H, W, heads, D)`` tensors, with the same formulas as
 ``_to_regions`` below, instead of materialising the ``topk``-times larger gathered copy.
 """
 from __future__ import annotations

@@ -29,7 +29,6 @@ Logits are in the log2 domain (``exp2``); the stored log-sum-exp is too.
 
 from __future__ import annotations
 
-import contextlib
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -38,12 +37,12 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+# Generic pieces shared with the other Triton kernels, re-exported here (the names tests use).
+from .triton_common import (LOG2E, MAX_HEAD_DIM, MIN_HEAD_DIM, SUPPORTED_DTYPES, _config, _dot,
+                            _precision, interpreter_active, launch_config, triton_supports)
+
 __all__ = ["na2d_triton", "triton_supports", "interpreter_active", "launch_config",
            "SUPPORTED_DTYPES"]
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
-LOG2E = 1.4426950408889634
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,16 +60,6 @@ def _window_start(i, n, K: tl.constexpr, S: tl.constexpr, OFFSET: tl.constexpr,
         leader = tl.minimum((i // S) * S + S // 2, n - 1)
         start = tl.minimum(tl.maximum(leader - K // 2, 0), n - K)
     return start
-
-
-@triton.jit
-def _dot(a, b, PRECISION: tl.constexpr):
-    """tl.dot with fp32 accumulation. PRECISION "upcast" multiplies in fp32: Triton's CPU
-    interpreter gets bf16 dots wrong (3.9), and bf16 products are exact in fp32 anyway."""
-    if PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -449,27 +438,6 @@ def _na_bwd_extra_kernel(
 # Host side: launch configuration
 
 
-def interpreter_active() -> bool:
-    """True when this module's kernels were built by Triton's CPU interpreter
-    (``TRITON_INTERPRET=1`` was set before the module was imported)."""
-    return type(_na_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-def triton_supports(query: Tensor, rpb: Optional[Tensor] = None) -> Optional[str]:
-    """None if the Triton path handles these tensors, else the reason it does not."""
-    if query.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {query.dtype} (supported: float32, float16, bfloat16)"
-    if rpb is not None and rpb.dtype not in SUPPORTED_DTYPES:
-        return f"rpb dtype {rpb.dtype}"
-    head_dim = query.shape[-1]
-    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-        return f"head_dim {head_dim} (supported: {MIN_HEAD_DIM} to {MAX_HEAD_DIM})"
-    if query.device.type != "cuda" and not (query.device.type == "cpu" and interpreter_active()):
-        return (f"tensors on {query.device.type}: the Triton kernel needs CUDA tensors (or CPU "
-                "tensors with TRITON_INTERPRET=1 set before triton was imported)")
-    return None
-
-
 def _patch_shape(block: int, lengths, kernel, stride, offset) -> Tuple[int, int]:
     """Pick a TH x TW = ``block`` patch minimising the keys walked in total (a rough model of
     the work: patches per axis times the key-rectangle extent, padded to the block)."""
@@ -489,42 +457,6 @@ def _patch_shape(block: int, lengths, kernel, stride, offset) -> Tuple[int, int]
             best = (work, th, tw)
         th *= 2
     return best[1], best[2]
-
-
-# Tests set this (via ``launch_config``) to walk several block shapes through small maps.
-_CONFIG_OVERRIDE: dict = {}
-
-
-@contextlib.contextmanager
-def launch_config(**cfg):
-    """Override the launch configuration (block_m, block_n, num_warps, num_stages) inside a
-    ``with`` block; block sizes are powers of two >= 16 (tl.dot's minimum)."""
-    old = dict(_CONFIG_OVERRIDE)
-    _CONFIG_OVERRIDE.update(cfg)
-    try:
-        yield
-    finally:
-        _CONFIG_OVERRIDE.clear()
-        _CONFIG_OVERRIDE.update(old)
-
-
-def _config(q: Tensor):
-    head_dim = q.shape[-1]
-    if q.device.type == "cpu":  # the interpreter: few big blocks cost less Python per element
-        cfg = dict(block_m=64, block_n=64, num_warps=1, num_stages=1)
-    elif head_dim <= 64:
-        cfg = dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
-    else:
-        cfg = dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
-    return {**cfg, **_CONFIG_OVERRIDE}
-
-
-def _precision(q: Tensor) -> str:
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        return "upcast"
-    if q.dtype == torch.float32 and q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
 
 
 class _Geometry:

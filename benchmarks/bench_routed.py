@@ -1,0 +1,182 @@
+"""Speed and memory of routed (region-to-region) attention at BiFormer's stage shapes.
+
+For BiFormer's attention at each stage (feature maps img/4 ... img/32, padded to a multiple of
+the 7x7 region grid as the model does; the last stage is global attention, one region holding the
+whole map) at 224 and 1024 px, time the forward and forward+backward and record the peak memory of:
+  triton          zoo.kernels.routed_attention forced to the fused Triton kernel
+  reference       zoo.kernels.routed_attention forced to the plain-PyTorch reference (gather the
+                  top-k regions' keys and values, then einsum / softmax / einsum)
+  sdpa_gathered   the same gather, then scaled_dot_product_attention with every query region as a
+                  batch item over its topk * rh * rw gathered keys (the gather is timed too: it is
+                  part of the cost the fused kernel avoids)
+The routing index is random (distinct regions per query region), the same for every method.
+
+Usage (GPU):  python benchmarks/bench_routed.py [--img 224 1024] [--variants tiny base]
+Results:      benchmarks/results/routed_<gpu>.json and .png (the plot needs matplotlib).
+Check on CPU: python benchmarks/bench_routed.py --device cpu --tiny  (small maps, one run of each
+              method that runs on the CPU, outputs compared with the reference; with
+              TRITON_INTERPRET=1 set the Triton kernel runs too, through the interpreter).
+Never part of the test run; timings are never assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_na import RESULTS, measure, plot  # noqa: E402  (the shared timing and plot code)
+
+from zoo.kernels import backend, routed_attention  # noqa: E402
+from zoo.kernels.routed import _to_regions, _from_regions  # noqa: E402
+
+# heads per stage, head dim per stage, top-k per stage (None: the global last stage), n_win
+VARIANTS = {
+    "tiny": dict(heads=(2, 4, 8, 8), head_dim=(32, 32, 32, 64), topk=(1, 4, 16, None), n_win=7),
+    "small": dict(heads=(2, 4, 8, 8), head_dim=(32, 32, 32, 64), topk=(1, 4, 16, None), n_win=7),
+    "base": dict(heads=(3, 6, 12, 8), head_dim=(32, 32, 32, 96), topk=(1, 4, 16, None), n_win=7),
+}
+
+
+def stage_case(variant: str, stage: int, img: int, tiny: bool) -> dict:
+    """Map side, region side, top-k, heads and head dim of one stage."""
+    spec = VARIANTS[variant]
+    n = img // 2 ** (stage + 2)
+    heads, dim, topk, n_win = (spec["heads"][stage], spec["head_dim"][stage],
+                               spec["topk"][stage], spec["n_win"])
+    if tiny:  # CPU check: a 3x3 region grid of at most 3x3 tokens, few heads, head dim 16
+        n_win, heads, dim = 3, min(heads, 2), 16
+        n = min(math.ceil(n / 16), 3) * n_win
+        topk = None if topk is None else min(topk, n_win * n_win)
+    if topk is None:  # the global stage: one region of the whole (unpadded) map
+        return dict(map=n, region=n, grid=1, topk=1, heads=heads, head_dim=dim)
+    padded = math.ceil(n / n_win) * n_win  # BiFormer pads bottom/right to the region grid
+    return dict(map=padded, region=padded // n_win, grid=n_win, topk=min(topk, n_win ** 2),
+                heads=heads, head_dim=dim)
+
+
+def make_inputs(batch, case, device, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n, heads, dim, grid = case["map"], case["heads"], case["head_dim"], case["grid"]
+    q, k, v = (torch.randn(batch, n, n, heads, dim, generator=gen).to(device, dtype)
+               for _ in range(3))
+    regions = grid * grid
+    index = torch.rand(batch, regions, regions, generator=gen).topk(case["topk"], -1).indices
+    return [q, k, v], index.to(device)
+
+
+def method_routed(name):
+    def build(index, case):
+        def run(q, k, v):
+            with backend(name):
+                return routed_attention(q, k, v, index, case["region"])
+        return run
+    return build
+
+
+def build_sdpa_gathered(index, case):
+    """Gather the routed regions' keys and values (as the reference does), then SDPA with the
+    query regions folded into the batch."""
+    r = case["region"]
+
+    def run(q, k, v):
+        b, height, width, heads, dim = q.shape
+        qr, kr, vr = (_to_regions(t, r, r) for t in (q, k, v))  # (B, R, T, heads, D)
+        batch = torch.arange(b, device=q.device)[:, None, None]
+        k_sel = kr[batch, index].flatten(2, 3)  # (B, R, topk * T, heads, D)
+        v_sel = vr[batch, index].flatten(2, 3)
+        fold = lambda t: t.flatten(0, 1).transpose(1, 2)  # (B * R, heads, tokens, D)
+        out = F.scaled_dot_product_attention(fold(qr), fold(k_sel), fold(v_sel))
+        out = out.transpose(1, 2).reshape(qr.shape[:4] + (v.shape[-1],))
+        return _from_regions(out, height, width, r, r)
+    return run
+
+
+def methods(device):
+    out = {"reference": method_routed("reference"), "sdpa_gathered": build_sdpa_gathered}
+    from zoo.kernels import triton_routed
+    if device == "cuda" or triton_routed.interpreter_active():
+        out = {"triton": method_routed("triton"), **out}
+    return out
+
+
+def run(args):
+    device, dtype = args.device, getattr(torch, args.dtype)
+    all_methods = {k: v for k, v in methods(device).items() if k in args.methods}
+    records = []
+    for img in args.img:
+        batch = 1 if args.tiny else (args.batch or (8 if img <= 256 else 1))
+        for variant in args.variants:
+            for stage in range(4):
+                case = stage_case(variant, stage, img, args.tiny)
+                inputs, index = make_inputs(batch, case, device, dtype)
+                ref = None
+                for name, build in all_methods.items():
+                    # ``family`` and ``stage`` are the keys bench_na's plot groups by
+                    rec = dict(img=img, family=f"biformer_{variant}", stage=stage, batch=batch,
+                               dtype=args.dtype, method=name, **case)
+                    try:
+                        fn = build(index, case)
+                        if args.tiny:  # validate the construction against the reference
+                            out = fn(*inputs)
+                            if ref is None:
+                                with backend("reference"):
+                                    ref = routed_attention(*inputs, index, case["region"])
+                            rec["max_err_vs_reference"] = (out.float() - ref.float()).abs().max().item()
+                        rec["fwd_ms"], rec["fwd_bwd_ms"], rec["peak_mib"] = measure(
+                            fn, inputs, {}, device, args.rep)
+                    except torch.OutOfMemoryError:
+                        rec["error"] = "out of memory"
+                        torch.cuda.empty_cache()
+                    except Exception as e:  # keep going: one failing baseline is a result too
+                        rec["error"] = f"{type(e).__name__}: {e}"[:300]
+                    records.append(rec)
+                    print(json.dumps({k: rec.get(k) for k in (
+                        "img", "family", "stage", "map", "region", "topk", "method", "fwd_ms",
+                        "fwd_bwd_ms", "peak_mib", "max_err_vs_reference", "error") if k in rec}),
+                        flush=True)
+    return records
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--img", type=int, nargs="+", default=[224, 1024])
+    p.add_argument("--variants", nargs="+", default=["tiny", "base"], choices=list(VARIANTS))
+    p.add_argument("--methods", nargs="+", default=["triton", "reference", "sdpa_gathered"])
+    p.add_argument("--batch", type=int, default=0, help="0: 8 at 224 px, 1 at 1024 px")
+    p.add_argument("--rep", type=int, default=100, help="ms of timing per measurement")
+    p.add_argument("--tiny", action="store_true",
+                   help="small maps, one run each, outputs checked against the reference")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.device == "cpu":
+        if not args.tiny:
+            p.error("CPU runs are for checking the construction: add --tiny")
+        if args.dtype == "float16":
+            args.dtype = "float32"
+    records = run(args)
+    tag = torch.cuda.get_device_name().replace(" ", "_") if args.device == "cuda" else "cpu_tiny"
+    out = Path(args.out) if args.out else RESULTS / f"routed_{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(torch=torch.__version__, device=tag, dtype=args.dtype, argv=sys.argv[1:])
+    out.write_text(json.dumps(dict(meta=meta, records=records), indent=1))
+    plot(records, out.with_suffix(".png"))
+    print(f"wrote {out}")
+    errors = [r for r in records if "error" in r]
+    bad = [r for r in records if r.get("max_err_vs_reference", 0) > 1e-3]
+    if args.tiny and (errors or bad):
+        print(f"{len(errors)} errors, {len(bad)} mismatches", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Pieces shared by the fused Triton attention kernels (kernels/triton_na.py,
+kernels/triton_routed.py): supported dtypes and head dims, the device test, the launch
+configuration and its test override, the matmul precision, and the ``_dot`` device helper."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+__all__ = ["SUPPORTED_DTYPES", "MIN_HEAD_DIM", "MAX_HEAD_DIM", "LOG2E", "interpreter_active",
+           "triton_supports", "device_unsupported", "launch_config"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """tl.dot with fp32 accumulation. PRECISION "upcast" multiplies in fp32: Triton's CPU
+    interpreter gets bf16 dots wrong (3.9), and bf16 products are exact in fp32 anyway."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+def interpreter_active() -> bool:
+    """True when the kernels were built by Triton's CPU interpreter (``TRITON_INTERPRET=1`` was
+    set before triton and these modules were imported)."""
+    return type(_dot).__name__ == "InterpretedFunction"
+
+
+def device_unsupported(t: Tensor) -> Optional[str]:
+    """None if the kernels can run on ``t``'s device, else why not."""
+    if t.device.type != "cuda" and not (t.device.type == "cpu" and interpreter_active()):
+        return (f"tensors on {t.device.type}: the Triton kernel needs CUDA tensors (or CPU "
+                "tensors with TRITON_INTERPRET=1 set before triton was imported)")
+    return None
+
+
+def head_dim_unsupported(dim: int, what: str = "head_dim") -> Optional[str]:
+    if not MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM:
+        return f"{what} {dim} (supported: {MIN_HEAD_DIM} to {MAX_HEAD_DIM})"
+    return None
+
+
+def triton_supports(query: Tensor, rpb: Optional[Tensor] = None) -> Optional[str]:
+    """None if the na2d Triton path handles these tensors, else the reason it does not."""
+    if query.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {query.dtype} (supported: float32, float16, bfloat16)"
+    if rpb is not None and rpb.dtype not in SUPPORTED_DTYPES:
+        return f"rpb dtype {rpb.dtype}"
+    return head_dim_unsupported(query.shape[-1]) or device_unsupported(query)
+
+
+# Tests set this (via ``launch_config``) to walk several block shapes through small maps.
+_CONFIG_OVERRIDE: dict = {}
+
+
+@contextlib.contextmanager
+def launch_config(**cfg):
+    """Override the launch configuration (block_m, block_n, num_warps, num_stages) inside a
+    ``with`` block; block sizes are powers of two >= 16 (tl.dot's minimum)."""
+    old = dict(_CONFIG_OVERRIDE)
+    _CONFIG_OVERRIDE.update(cfg)
+    try:
+        yield
+    finally:
+        _CONFIG_OVERRIDE.clear()
+        _CONFIG_OVERRIDE.update(old)
+
+
+def _config(q: Tensor, head_dim: Optional[int] = None):
+    head_dim = q.shape[-1] if head_dim is None else head_dim
+    if q.device.type == "cpu":  # the interpreter: few big blocks cost less Python per element
+        cfg = dict(block_m=64, block_n=64, num_warps=1, num_stages=1)
+    elif head_dim <= 64:
+        cfg = dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
+    else:
+        cfg = dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    return {**cfg, **_CONFIG_OVERRIDE}
+
+
+def _precision(q: Tensor) -> str:
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        return "upcast"
+    if q.dtype == torch.float32 and q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
