@@ -20,7 +20,8 @@ def test_every_config_is_registered_with_timm():
     assert len(NAMES) >= 12
     for name in NAMES:
         assert name.startswith("zoo_") and timm.is_model(name)
-        assert timm.models.get_pretrained_cfg(name).input_size == (3, 224, 224)
+        cfg = load_config(REGISTERED[name])
+        assert timm.models.get_pretrained_cfg(name).input_size == (cfg.in_chans, *cfg.img_size)
 
 
 @pytest.mark.parametrize("name", NAMES)
