@@ -7,13 +7,13 @@
   pyramid pooling module on the last stage, an FPN top-down path, every level upsampled to
   stride 4, concatenated and fused by a 3x3 conv.
 
-GroupNorm instead of the papers' (Sync)BatchNorm: segmentation batches on one device are small.
+GroupNorm (16 channels a group) instead of the papers' (Sync)BatchNorm: segmentation batches on
+one device are small, and the 1x1 pooled map of the pyramid pooling has no batch statistics.
 The logits are upsampled to the input size; ``segmentation_loss`` is pixel-wise cross-entropy
 with an ignore label (255, as ADE20K and Cityscapes loaders write it).
 """
 from __future__ import annotations
 
-from math import gcd
 from typing import List, Literal, Sequence, Union
 
 import torch
@@ -27,7 +27,7 @@ __all__ = ["SegmentationModel", "segmentation_loss"]
 
 def _conv(cin: int, cout: int, k: int = 3) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
-                         nn.GroupNorm(gcd(32, cout), cout), nn.ReLU(inplace=True))
+                         nn.GroupNorm(max(1, cout // 16), cout), nn.ReLU(inplace=True))
 
 
 def _resize(x: torch.Tensor, size) -> torch.Tensor:
