@@ -36,13 +36,18 @@ def export_program(model: nn.Module, input_size: Sequence[int] = (224, 224), bat
     return torch.export.export(model, (_example(model, input_size, batch_size),))
 
 
-def export_onnx(model: nn.Module, path: Union[str, Path], input_size: Sequence[int] = (224, 224),
-                batch_size: int = 1, opset: int = OPSET) -> Path:
-    """Write ``model`` (eval mode) as ONNX with one input ``images`` and one output ``output``."""
-    model = model.eval()
+def export_onnx(model: Union[nn.Module, torch.export.ExportedProgram], path: Union[str, Path],
+                input_size: Sequence[int] = (224, 224), batch_size: int = 1, opset: int = OPSET) -> Path:
+    """Write ``model`` (eval mode) as ONNX with one input ``images`` and one output ``output``.
+    ``model`` may also be the result of ``export_program`` (its size is then the one it was
+    exported at, and it is not traced again)."""
     path = Path(path)
-    x = _example(model, input_size, batch_size)
-    program = torch.onnx.export(model, (x,), input_names=["images"], output_names=["output"],
+    if isinstance(model, torch.export.ExportedProgram):
+        args = None
+    else:
+        model = model.eval()
+        args = (_example(model, input_size, batch_size),)
+    program = torch.onnx.export(model, args, input_names=["images"], output_names=["output"],
                                 opset_version=opset, dynamo=True, verbose=False)
     program.save(str(path))
     return path
