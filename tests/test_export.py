@@ -1,0 +1,56 @@
+"""Every family exports with torch.export and to ONNX at a fixed size, and onnxruntime agrees
+with PyTorch (fp32, atol 1e-4). Reduced-width configs (tests/configs/tiny_*.yaml) keep CI cheap;
+the input is non-square and not a multiple of any window, so the padding paths are exported too."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import zoo
+from zoo.export import check_onnx, export_onnx, export_program
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+CONFIGS = Path(__file__).parent / "configs"
+# Adding a family is one entry here (and its tests/configs/tiny_<family>.yaml).
+FAMILIES = ["nat", "dinat", "swin", "cswin", "litv2", "biformer", "maxvit"]
+SIZE = (64, 96)
+
+
+def _model(family):
+    torch.manual_seed(0)
+    model = zoo.create_model(CONFIGS / f"tiny_{family}.yaml", num_classes=10).eval()
+    # Random, non-trivial values where the init leaves zeros or identities (BatchNorm statistics,
+    # LITv2's zero-initialised deformable offsets) so the export is checked on every path.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+            if hasattr(m, "conv_offset"):
+                m.conv_offset.weight.normal_(0, 0.3)
+                m.conv_offset.bias.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_torch_and_onnx(family, tmp_path):
+    model = _model(family)
+    x = torch.randn(2, 3, *SIZE)
+    program = export_program(model, SIZE, batch_size=2)
+    with torch.no_grad():
+        want = model(x)
+        assert (program.module()(x) - want).abs().max().item() < 1e-5
+    path = export_onnx(program, tmp_path / f"{family}.onnx")  # from the program: traced once
+    diff, out = check_onnx(model, path, x)
+    print(f"{family}: onnxruntime vs PyTorch max |diff| {diff:.2e}")
+    assert out.shape == (2, 10)
+    assert diff < 1e-4, f"{family}: onnxruntime differs from PyTorch by {diff:.2e}"
+
+
+def test_export_onnx_from_module(tmp_path):
+    model = _model("biformer")
+    path = export_onnx(model, tmp_path / "m.onnx", (3, 65, 97))
+    diff, _ = check_onnx(model, path, input_size=(65, 97))
+    assert diff < 1e-4

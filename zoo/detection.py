@@ -1,0 +1,154 @@
+"""Any zoo model as a torchvision detection backbone (Faster R-CNN, Mask R-CNN, RetinaNet).
+
+``ZooFeatures`` is the trunk as dense-prediction code uses it: per-stage maps at strides 4-32 for
+the chosen ``out_indices``, an optional LayerNorm on each output (the Swin/NAT/CSWin detection
+backbones add one), early stages frozen, BatchNorm frozen. ``ZooFPN`` puts torchvision's feature
+pyramid on it and has the ``out_channels`` attribute torchvision's detectors read. The builders
+``faster_rcnn``/``mask_rcnn``/``retinanet`` pass any other keyword (``min_size``, ``max_size``,
+``box_detections_per_img``, ...) to torchvision's constructor.
+
+Needs torchvision (``pip install zoo[detection]``).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from zoo.backbone import Backbone
+from zoo.blocks.layers import LayerNorm2d
+
+__all__ = ["ZooFeatures", "ZooFPN", "freeze_batchnorm", "faster_rcnn", "mask_rcnn", "retinanet"]
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d (and SyncBatchNorm) by torchvision's FrozenBatchNorm2d holding its
+    statistics and affine parameters as buffers: detection batches are too small for batch
+    statistics. LayerNorms are per-token and left as they are. Returns the module (changed in place)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and child.affine and child.track_running_stats:
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            frozen.weight.copy_(child.weight.detach())
+            frozen.bias.copy_(child.bias.detach())
+            frozen.running_mean.copy_(child.running_mean)
+            frozen.running_var.copy_(child.running_var)
+            frozen.to(child.weight.device)
+            setattr(module, name, frozen)
+        else:
+            freeze_batchnorm(child)
+    return module
+
+
+def _as_backbone(model: Union[str, nn.Module], pretrained: bool, **kwargs) -> Backbone:
+    if isinstance(model, nn.Module):
+        return model
+    from zoo.registration import create_model
+    return create_model(model, pretrained=pretrained, num_classes=0, **kwargs)
+
+
+class ZooFeatures(nn.Module):
+    """A zoo model's stage outputs as an ``OrderedDict`` of NCHW maps keyed ``"0"``, ``"1"``, ...
+
+    Args:
+        model: a zoo model, a registered name (``"nat_tiny"``) or a YAML path.
+        out_indices: which stages to return (strides 4, 8, 16, 32 for 0-3).
+        frozen_stages: -1 trains everything; 0 freezes the stem; ``i`` the stem and stages ``< i``
+            (mmdetection's convention). Frozen parts run in eval mode with no gradients.
+        freeze_bn: turn every BatchNorm into FrozenBatchNorm2d (LayerNorms are untouched).
+        out_norm: a LayerNorm on each returned map, as the authors' detection backbones.
+        pretrained, kwargs: passed to ``zoo.create_model`` when ``model`` is a name.
+    """
+
+    def __init__(self, model: Union[str, nn.Module], out_indices: Sequence[int] = (0, 1, 2, 3),
+                 frozen_stages: int = -1, freeze_bn: bool = True, out_norm: bool = True,
+                 pretrained: bool = False, **kwargs):
+        super().__init__()
+        trunk = _as_backbone(model, pretrained, **kwargs)
+        n = len(trunk.stages)
+        self.out_indices = tuple(i % n for i in out_indices)
+        if len(set(self.out_indices)) != len(self.out_indices) or list(self.out_indices) != sorted(self.out_indices):
+            raise ValueError(f"out_indices must be increasing stage indices in [0, {n}), got {tuple(out_indices)}")
+        if not -1 <= frozen_stages <= n:
+            raise ValueError(f"frozen_stages must be in [-1, {n}], got {frozen_stages}")
+        trunk.prune_intermediate_layers(list(self.out_indices), prune_norm=True, prune_head=True)
+        self.trunk = freeze_batchnorm(trunk) if freeze_bn else trunk
+        self.frozen_stages = frozen_stages
+        info = [trunk.feature_info[i] for i in self.out_indices]
+        self.channels = [f["num_chs"] for f in info]
+        self.strides = [f["reduction"] for f in info]
+        self.norms = nn.ModuleList(LayerNorm2d(c) if out_norm else nn.Identity() for c in self.channels)
+        self._freeze()
+
+    def _frozen_modules(self):
+        if self.frozen_stages >= 0:
+            yield self.trunk.stem
+            yield from list(self.trunk.stages)[:self.frozen_stages]
+
+    def _freeze(self) -> None:
+        for m in self._frozen_modules():
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze()  # frozen stages stay in eval mode (dropout/drop-path off)
+        return self
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        feats = self.trunk.forward_intermediates(x, indices=list(self.out_indices), intermediates_only=True)
+        return OrderedDict((str(i), norm(f)) for i, (f, norm) in enumerate(zip(feats, self.norms)))
+
+
+class ZooFPN(nn.Module):
+    """``ZooFeatures`` plus torchvision's FPN: a dict of ``out_channels``-wide maps, the input
+    torchvision's detectors expect. ``extra="pool"`` adds a max-pooled level (Faster/Mask R-CNN),
+    ``"p6p7"`` RetinaNet's P6/P7 from P5, ``None`` nothing."""
+
+    def __init__(self, features: ZooFeatures, out_channels: int = 256, extra: Optional[str] = "pool"):
+        super().__init__()
+        self.body = features
+        extra_blocks = {"pool": LastLevelMaxPool(), "p6p7": LastLevelP6P7(out_channels, out_channels), None: None}
+        if extra not in extra_blocks:
+            raise ValueError(f"extra must be 'pool', 'p6p7' or None, got {extra!r}")
+        self.fpn = FeaturePyramidNetwork(features.channels, out_channels, extra_blocks=extra_blocks[extra])
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.fpn(self.body(x))
+
+
+_BACKBONE_KEYS = ("out_indices", "frozen_stages", "freeze_bn", "out_norm", "pretrained")
+
+
+def _split(kwargs: dict):
+    mine = {k: kwargs.pop(k) for k in _BACKBONE_KEYS if k in kwargs}
+    return mine, kwargs
+
+
+def faster_rcnn(model: Union[str, nn.Module], num_classes: int, fpn_channels: int = 256, **kwargs):
+    """torchvision's Faster R-CNN on a zoo backbone with an FPN (levels P2-P6)."""
+    from torchvision.models.detection import FasterRCNN
+    mine, rest = _split(kwargs)
+    return FasterRCNN(ZooFPN(ZooFeatures(model, **mine), fpn_channels, "pool"), num_classes=num_classes, **rest)
+
+
+def mask_rcnn(model: Union[str, nn.Module], num_classes: int, fpn_channels: int = 256, **kwargs):
+    """torchvision's Mask R-CNN on a zoo backbone with an FPN (levels P2-P6)."""
+    from torchvision.models.detection import MaskRCNN
+    mine, rest = _split(kwargs)
+    return MaskRCNN(ZooFPN(ZooFeatures(model, **mine), fpn_channels, "pool"), num_classes=num_classes, **rest)
+
+
+def retinanet(model: Union[str, nn.Module], num_classes: int, fpn_channels: int = 256, **kwargs):
+    """torchvision's RetinaNet on a zoo backbone: FPN over strides 8-32 plus P6/P7 (as the paper;
+    pass ``out_indices=(0, 1, 2, 3)`` and an ``anchor_generator`` with five levels to use stride 4)."""
+    from torchvision.models.detection import RetinaNet
+    mine, rest = _split(kwargs)
+    mine.setdefault("out_indices", (1, 2, 3))
+    return RetinaNet(ZooFPN(ZooFeatures(model, **mine), fpn_channels, "p6p7"), num_classes=num_classes, **rest)
