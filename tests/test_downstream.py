@@ -15,7 +15,7 @@ from zoo.segmentation import SegmentationModel, segmentation_loss  # noqa: E402
 
 CONFIGS = Path(__file__).parent / "configs"
 # Adding a family is one entry here (and its tests/configs/tiny_<family>.yaml).
-FAMILIES = ["nat", "dinat", "swin", "cswin", "litv2", "biformer", "maxvit"]
+FAMILIES = ["nat", "dinat", "swin", "cswin", "litv2", "biformer", "maxvit", "gcvit", "fastervit"]
 BOXES = torch.tensor([[100., 120., 260., 300.], [330., 60., 560., 200.], [40., 330., 300., 460.]])
 
 

@@ -14,7 +14,7 @@ pytest.importorskip("onnxscript")
 
 CONFIGS = Path(__file__).parent / "configs"
 # Adding a family is one entry here (and its tests/configs/tiny_<family>.yaml).
-FAMILIES = ["nat", "dinat", "swin", "cswin", "litv2", "biformer", "maxvit"]
+FAMILIES = ["nat", "dinat", "swin", "cswin", "litv2", "biformer", "maxvit", "gcvit", "fastervit"]
 SIZE = (64, 96)
 
 
