@@ -423,3 +423,22 @@ def test_digits_demo_data(tmp_path):
     mtime = train_files[0].stat().st_mtime
     write_digits(root)  # second call: already there, nothing rewritten
     assert train_files[0].stat().st_mtime == mtime
+
+
+# ------------------------------------------------------------------------------------------ hybrids
+
+HYBRIDS = sorted(n for n in zoo.list_models() if n.startswith("zoo_hybrid_"))
+
+
+@pytest.mark.parametrize("name", HYBRIDS)
+def test_demo_recipe_trains_each_hybrid(name, folder, tmp_path):
+    """The cross-family hybrids (configs/models/hybrids/) learn under the demo recipe: the
+    training loss falls over a few epochs on the tiny colour-coded folder."""
+    assert len(HYBRIDS) >= 2
+    summary = train(tiny(folder, **{"model.name": name, "train.epochs": 4, "optimizer.lr": 1e-3}),
+                    out_dir=tmp_path / "run")
+    losses = [json.loads(line)["loss"] for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text()
+              .splitlines() if json.loads(line)["kind"] == "train"]
+    assert len(losses) >= 8 and all(np.isfinite(losses))
+    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+    assert last < 0.8 * first, (name, losses)
