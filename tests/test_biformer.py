@@ -19,10 +19,8 @@ import torch
 
 import zoo.registration  # noqa: F401  (registers the zoo_ models)
 from zoo.config import load_config
-from zoo.measure import measure
 
 FIXTURE = Path(__file__).parent / "fixtures" / "biformer_tiny_golden.json"
-VARIANTS = ["biformer_tiny", "biformer_small", "biformer_base"]
 
 
 def golden_state_dict(keys):
@@ -45,14 +43,6 @@ def golden_state_dict(keys):
 def golden_input(height=224, width=224):
     torch.manual_seed(0)
     return torch.randn(1, 3, height, width)
-
-
-@pytest.mark.parametrize("name", VARIANTS)
-def test_params_and_gmacs(name):
-    ref = load_config(name).reference
-    params, gmacs = measure(f"zoo_{name}")
-    assert params == ref["params"]
-    assert abs(gmacs - ref["gmacs"]) / ref["gmacs"] < 0.03, gmacs
 
 
 def test_golden_logits_of_the_authors_model(tmp_path):

@@ -28,9 +28,7 @@ import torch
 
 import zoo  # noqa: F401  (registers the zoo_ models with timm)
 from zoo.config import load_config
-from zoo.measure import measure
 
-VARIANTS = ["cswin_tiny", "cswin_small", "cswin_base"]
 FIXTURE = Path(__file__).parent / "fixtures" / "cswin_tiny_golden.json"
 
 
@@ -58,14 +56,6 @@ def golden_state_dict(keys):
 def golden_input(shape):
     g = torch.Generator().manual_seed(1234)
     return torch.randn(shape, generator=g, dtype=torch.float32)
-
-
-@pytest.mark.parametrize("name", VARIANTS)
-def test_params_and_gmacs(name):
-    ref = load_config(name).reference
-    params, gmacs = measure("zoo_" + name)
-    assert params == ref["params"]
-    assert abs(gmacs - ref["gmacs"]) / ref["gmacs"] < 0.03, (gmacs, ref["gmacs"])
 
 
 def test_features_only_strides():

@@ -11,17 +11,7 @@ from zoo.backbone import Backbone
 from zoo.config import load_config
 from zoo.convert import convert_checkpoint
 from zoo.errors import ConfigError
-from zoo.measure import measure
 
-VARIANTS = [f"fastervit_{i}" for i in range(5)]
-
-
-@pytest.mark.parametrize("name", VARIANTS)
-def test_params_and_gmacs(name):
-    ref = load_config(name).reference
-    params, gmacs = measure(f"zoo_{name}")
-    assert params == ref["params"]
-    assert abs(gmacs - ref["gmacs"]) / ref["gmacs"] < 0.03, gmacs
 
 
 @pytest.fixture(scope="module")

