@@ -22,7 +22,7 @@ from typing import Iterator, Optional, Sequence, Union
 from torch import Tensor
 
 from . import neighborhood, routed
-from .neighborhood import IntPair, _check_tensors, _pair, check_axis_args
+from .neighborhood import IntPair
 
 __all__ = ["na2d", "routed_attention", "backend", "selected_backend", "BACKENDS", "ENV_VAR"]
 
@@ -102,23 +102,15 @@ def na2d(
 ) -> Tensor:
     """Generalized 2-D neighborhood attention; arguments and semantics of
     ``kernels.neighborhood.na2d`` (the reference, which defines the op)."""
-    kernel = _pair(kernel_size, "kernel_size")
-    strides = _pair(stride, "stride")
-    dilations = _pair(dilation, "dilation")
-    offset = _pair(window_offset, "window_offset", allow_none=True)
-    _check_tensors(query, key, value, rpb, additional_keys, additional_values, kernel)
-    for axis, length, k, s, d, o in zip(("height", "width"), query.shape[1:3], kernel, strides,
-                                        dilations, offset):
-        check_axis_args(length, k, s, d, o, axis)
-
+    args = neighborhood.check_args(query, key, value, kernel_size, stride, dilation, window_offset,
+                                   rpb, additional_keys, additional_values)
     use_triton = _use_triton(query, lambda: _triton_unsupported(query, rpb, additional_keys))
 
     kw = dict(rpb=rpb, additional_keys=additional_keys, additional_values=additional_values,
               scale=scale)
     if use_triton:
-        return triton_na.na2d_triton(query, key, value, kernel, strides, dilations, offset, **kw)
-    return neighborhood.na2d(query, key, value, kernel, strides, dilations,
-                             window_offset=window_offset, **kw)
+        return triton_na.na2d_triton(query, key, value, *args, **kw)
+    return neighborhood.na2d_checked(query, key, value, *args, **kw)
 
 
 def _routed_triton_unsupported(query: Tensor, value: Tensor) -> Optional[str]:
@@ -139,9 +131,8 @@ def routed_attention(
 ) -> Tensor:
     """Routed (region-to-region) attention; arguments and semantics of
     ``kernels.routed.routed_attention`` (the reference, which defines the op)."""
-    rh, rw = routed._region_pair(region_size)
-    routed._check(query, key, value, region_index, rh, rw)
+    regions = routed.check_args(query, key, value, region_index, region_size)
     if _use_triton(query, lambda: _routed_triton_unsupported(query, value)):
-        return triton_routed.routed_attention_triton(query, key, value, region_index, (rh, rw),
+        return triton_routed.routed_attention_triton(query, key, value, region_index, regions,
                                                      scale=scale)
-    return routed.routed_attention(query, key, value, region_index, (rh, rw), scale=scale)
+    return routed.routed_attention_checked(query, key, value, region_index, regions, scale)

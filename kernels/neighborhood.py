@@ -255,15 +255,33 @@ def na2d(
     Returns:
         ``(B, H, W, heads, head_dim)`` in the dtype of ``query``.
     """
+    args = check_args(query, key, value, kernel_size, stride, dilation, window_offset, rpb,
+                      additional_keys, additional_values)
+    return na2d_checked(query, key, value, *args, rpb=rpb, additional_keys=additional_keys,
+                        additional_values=additional_values, scale=scale)
+
+
+def check_args(query, key, value, kernel_size, stride, dilation, window_offset, rpb,
+               additional_keys, additional_values):
+    """Validate ``na2d``'s arguments once (every backend shares this); returns the per-axis
+    ``(kernel_size, stride, dilation, window_offset)`` pairs."""
     kernel_size = _pair(kernel_size, "kernel_size")
     stride = _pair(stride, "stride")
     dilation = _pair(dilation, "dilation")
     offset = _pair(window_offset, "window_offset", allow_none=True)
     _check_tensors(query, key, value, rpb, additional_keys, additional_values, kernel_size)
-    b, height, width, heads, head_dim = query.shape
-    for axis, length, k, s, d, o in zip(("height", "width"), (height, width), kernel_size,
+    for axis, length, k, s, d, o in zip(("height", "width"), query.shape[1:3], kernel_size,
                                         stride, dilation, offset):
         check_axis_args(length, k, s, d, o, axis)
+    return kernel_size, stride, dilation, offset
+
+
+def na2d_checked(query: Tensor, key: Tensor, value: Tensor, kernel_size: Tuple, stride: Tuple,
+                 dilation: Tuple, offset: Tuple, *, rpb: Optional[Tensor],
+                 additional_keys: Optional[Tensor], additional_values: Optional[Tensor],
+                 scale: Optional[float]) -> Tensor:
+    """The reference on arguments ``check_args`` has already validated and paired."""
+    b, height, width, heads, head_dim = query.shape
     if scale is None:
         scale = head_dim ** -0.5
 

@@ -110,8 +110,23 @@ def routed_attention(
         ``(B, H, W, heads, value_dim)`` in the dtype of ``query``. Differentiable in query, key
         and value (not in ``region_index``).
     """
+    rh, rw = check_args(query, key, value, region_index, region_size)
+    return routed_attention_checked(query, key, value, region_index, (rh, rw), scale)
+
+
+def check_args(query: Tensor, key: Tensor, value: Tensor, region_index: Tensor,
+               region_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    """Validate ``routed_attention``'s arguments once (every backend shares this); returns
+    ``(rh, rw)``."""
     rh, rw = _region_pair(region_size)
     _check(query, key, value, region_index, rh, rw)
+    return rh, rw
+
+
+def routed_attention_checked(query: Tensor, key: Tensor, value: Tensor, region_index: Tensor,
+                             region_size: Tuple[int, int], scale: Optional[float]) -> Tensor:
+    """The reference on arguments ``check_args`` has already validated."""
+    rh, rw = region_size
     b, height, width, heads, head_dim = query.shape
     if scale is None:
         scale = head_dim ** -0.5
