@@ -60,13 +60,18 @@ def config_paths() -> Dict[str, Path]:
 # Loading and merging
 
 
+# libyaml's loader where PyYAML was built with it: `import zoo` parses every shipped config to
+# register it with timm, and the pure-Python loader was most of that start-up time.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _read_yaml(path: Path) -> dict:
     try:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(path, "", f"cannot read file: {e.strerror or e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_YAML_LOADER)
     except yaml.YAMLError as e:
         raise ConfigError(path, "", f"not valid YAML: {e}") from None
     if not isinstance(data, dict):
