@@ -373,6 +373,31 @@ def plot(records, path):
     fig.savefig(path, dpi=110)
 
 
+def run_and_write(p, argv, run, prefix: str) -> int:
+    """Parse, run, write ``benchmarks/results/<prefix>_<device>.json`` and its plot; with
+    ``--tiny``, fail if any method erred or disagreed with the reference."""
+    args = p.parse_args(argv)
+    if args.device == "cpu":
+        if not args.tiny:
+            p.error("CPU runs are for checking the construction: add --tiny")
+        if args.dtype == "float16":
+            args.dtype = "float32"
+    records = run(args)
+    tag = torch.cuda.get_device_name().replace(" ", "_") if args.device == "cuda" else "cpu_tiny"
+    out = Path(args.out) if args.out else RESULTS / f"{prefix}_{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(torch=torch.__version__, device=tag, dtype=args.dtype, argv=sys.argv[1:])
+    out.write_text(json.dumps(dict(meta=meta, records=records), indent=1))
+    plot(records, out.with_suffix(".png"))
+    print(f"wrote {out}")
+    errors = [r for r in records if "error" in r]
+    bad = [r for r in records if r.get("max_err_vs_reference", 0) > 1e-3]
+    if args.tiny and (errors or bad):
+        print(f"{len(errors)} errors, {len(bad)} mismatches", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -386,26 +411,7 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true",
                    help="tiny maps, one run each, outputs checked against the reference")
     p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    if args.device == "cpu":
-        if not args.tiny:
-            p.error("CPU runs are for checking the construction: add --tiny")
-        if args.dtype == "float16":
-            args.dtype = "float32"
-    records = run(args)
-    tag = torch.cuda.get_device_name().replace(" ", "_") if args.device == "cuda" else "cpu_tiny"
-    out = Path(args.out) if args.out else RESULTS / f"na_{tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(torch=torch.__version__, device=tag, dtype=args.dtype, argv=sys.argv[1:])
-    out.write_text(json.dumps(dict(meta=meta, records=records), indent=1))
-    plot(records, out.with_suffix(".png"))
-    print(f"wrote {out}")
-    errors = [r for r in records if "error" in r]
-    bad = [r for r in records if r.get("max_err_vs_reference", 0) > 1e-3]
-    if args.tiny and (errors or bad):
-        print(f"{len(errors)} errors, {len(bad)} mismatches", file=sys.stderr)
-        return 1
-    return 0
+    return run_and_write(p, argv, run, "na")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_na import RESULTS, measure, plot  # noqa: E402  (the shared timing and plot code)
+from bench_na import measure, run_and_write  # noqa: E402  (the shared timing, plot and output code)
 
 from zoo.kernels import backend, routed_attention  # noqa: E402
 from zoo.kernels.routed import _to_regions, _from_regions  # noqa: E402
@@ -156,26 +156,7 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true",
                    help="small maps, one run each, outputs checked against the reference")
     p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    if args.device == "cpu":
-        if not args.tiny:
-            p.error("CPU runs are for checking the construction: add --tiny")
-        if args.dtype == "float16":
-            args.dtype = "float32"
-    records = run(args)
-    tag = torch.cuda.get_device_name().replace(" ", "_") if args.device == "cuda" else "cpu_tiny"
-    out = Path(args.out) if args.out else RESULTS / f"routed_{tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(torch=torch.__version__, device=tag, dtype=args.dtype, argv=sys.argv[1:])
-    out.write_text(json.dumps(dict(meta=meta, records=records), indent=1))
-    plot(records, out.with_suffix(".png"))
-    print(f"wrote {out}")
-    errors = [r for r in records if "error" in r]
-    bad = [r for r in records if r.get("max_err_vs_reference", 0) > 1e-3]
-    if args.tiny and (errors or bad):
-        print(f"{len(errors)} errors, {len(bad)} mismatches", file=sys.stderr)
-        return 1
-    return 0
+    return run_and_write(p, argv, run, "routed")
 
 
 if __name__ == "__main__":
