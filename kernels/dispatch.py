@@ -62,12 +62,9 @@ def selected_backend() -> str:
     return _check_name(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR)
 
 
-def _triton_unsupported(query: Tensor, rpb: Optional[Tensor],
-                        additional_keys: Optional[Tensor] = None) -> Optional[str]:
+def _triton_unsupported(query: Tensor, rpb: Optional[Tensor]) -> Optional[str]:
     if triton_na is None:
         return f"triton is not importable ({_TRITON_IMPORT_ERROR})"
-    if additional_keys is not None and additional_keys.dim() == 6:
-        return "per-window extra tokens (B, nh, nw, N, heads, D) run on the reference only"
     if query.device.type == "meta":
         return None  # the custom op's fake implementation gives the shapes
     return triton_na.triton_supports(query, rpb)
@@ -104,7 +101,7 @@ def na2d(
     ``kernels.neighborhood.na2d`` (the reference, which defines the op)."""
     args = neighborhood.check_args(query, key, value, kernel_size, stride, dilation, window_offset,
                                    rpb, additional_keys, additional_values)
-    use_triton = _use_triton(query, lambda: _triton_unsupported(query, rpb, additional_keys))
+    use_triton = _use_triton(query, lambda: _triton_unsupported(query, rpb))
 
     kw = dict(rpb=rpb, additional_keys=additional_keys, additional_values=additional_values,
               scale=scale)

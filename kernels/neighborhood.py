@@ -39,7 +39,8 @@ from torch import Tensor
 
 from .blocked import axis_plan, blocked_na2d
 
-__all__ = ["na2d", "AxisWindow", "axis_window", "axis_window_ids", "check_axis_args"]
+__all__ = ["na2d", "AxisWindow", "axis_window", "axis_window_ids", "axis_window_count",
+           "check_axis_args"]
 
 IntPair = Union[int, Sequence[int]]
 
@@ -92,6 +93,25 @@ def axis_window(
     return AxisWindow(key_index, valid, bias_index)
 
 
+def axis_window_count(length: int, kernel_size: int, stride: int = 1, dilation: int = 1,
+                      offset: Optional[int] = None, axis: str = "") -> int:
+    """How many non-overlapping windows an axis holds (per-window extra tokens need one entry
+    each); raises unless the windows do not overlap: ``stride == kernel_size`` and no dilation.
+    With ``offset=None`` window ``m`` is the stride tile ``[m*k, (m+1)*k)`` (a ragged last tile
+    keeps its own id although NATTEN shifts its keys inward); with an offset the windows are the
+    cells of the offset grid, counted from the (possibly clipped) cell holding position 0."""
+    check_axis_args(length, kernel_size, stride, dilation, offset, axis)
+    if stride != kernel_size or dilation != 1:
+        where = f" along {axis}" if axis else ""
+        raise ValueError(
+            "per-window additional keys/values need non-overlapping windows (stride == "
+            f"kernel_size, dilation 1){where}; got kernel_size={kernel_size}, stride={stride}, "
+            f"dilation={dilation}"
+        )
+    o = 0 if offset is None else offset
+    return (length - 1 - o) // kernel_size - (-o) // kernel_size + 1
+
+
 def axis_window_ids(
     length: int,
     kernel_size: int,
@@ -100,25 +120,12 @@ def axis_window_ids(
     offset: Optional[int] = None,
     device: Union[torch.device, str, None] = None,
 ) -> Tuple[Tensor, int]:
-    """Which non-overlapping window each position of an axis belongs to, and how many there are.
-
-    Per-window extra tokens need non-overlapping windows: ``stride == kernel_size`` and no
-    dilation. With ``offset=None`` window ``m`` is the stride tile ``[m*k, (m+1)*k)`` (a ragged
-    last tile keeps its own id although NATTEN shifts its keys inward); with an offset the windows
-    are the cells of the offset grid, counted from the (possibly clipped) cell holding position 0.
-    """
-    check_axis_args(length, kernel_size, stride, dilation, offset)
-    if stride != kernel_size or dilation != 1:
-        raise ValueError(
-            "per-window additional keys/values need non-overlapping windows (stride == "
-            f"kernel_size, dilation 1); got kernel_size={kernel_size}, stride={stride}, "
-            f"dilation={dilation}"
-        )
+    """Which non-overlapping window each position of an axis belongs to (numbered as in
+    ``axis_window_count``), and how many there are."""
+    count = axis_window_count(length, kernel_size, stride, dilation, offset)
     o = 0 if offset is None else offset
-    first = (-o) // kernel_size  # the cell of position 0
     ids = torch.div(torch.arange(length, device=device) - o, kernel_size,
-                    rounding_mode="floor") - first
-    count = (length - 1 - o) // kernel_size - first + 1
+                    rounding_mode="floor") - (-o) // kernel_size
     return ids, count
 
 
@@ -273,6 +280,15 @@ def check_args(query, key, value, kernel_size, stride, dilation, window_offset, 
     for axis, length, k, s, d, o in zip(("height", "width"), query.shape[1:3], kernel_size,
                                         stride, dilation, offset):
         check_axis_args(length, k, s, d, o, axis)
+    if additional_keys is not None and additional_keys.dim() == 6:
+        counts = tuple(axis_window_count(length, k, s, d, o, axis) for axis, length, k, s, d, o
+                       in zip(("height", "width"), query.shape[1:3], kernel_size, stride,
+                              dilation, offset))
+        if tuple(additional_keys.shape[1:3]) != counts:
+            raise ValueError(
+                f"per-window additional_keys must have one entry per window, (windows_h, "
+                f"windows_w) = {counts}, got {tuple(additional_keys.shape[1:3])}"
+            )
     return kernel_size, stride, dilation, offset
 
 
@@ -317,13 +333,8 @@ def na2d_checked(query: Tensor, key: Tensor, value: Tensor, kernel_size: Tuple, 
     extra_k, extra_v = additional_keys, additional_values
     if extra_k is not None and extra_k.dim() == 6:
         # Per-window tokens: give every query the tokens of its window, (B, H, W, N, heads, D).
-        ids, counts = zip(*(axis_window_ids(length, k, s, d, o, query.device) for length, k, s, d, o
-                            in zip((height, width), kernel_size, stride, dilation, offset)))
-        if tuple(extra_k.shape[1:3]) != counts:
-            raise ValueError(
-                f"per-window additional_keys must have one entry per window, (windows_h, "
-                f"windows_w) = {counts}, got {tuple(extra_k.shape[1:3])}"
-            )
+        ids = [axis_window_ids(length, k, s, d, o, query.device)[0] for length, k, s, d, o
+               in zip((height, width), kernel_size, stride, dilation, offset)]
         extra_k, extra_v = (t[:, ids[0]][:, :, ids[1]] for t in (extra_k, extra_v))
         extra = torch.einsum("bxyhd,bxynhd->bxyhn", query, extra_k)
     elif extra_k is not None:

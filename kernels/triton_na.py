@@ -2,7 +2,7 @@
 
 Same contract as the reference ``kernels/neighborhood.py`` (read its docstring): per-axis kernel
 size, stride, dilation and window offset, a relative positional bias read from its table, extra
-global key/value tokens. Nothing of size (tokens x window) is ever written: the forward is an
+key/value tokens, global or per window (FasterViT's carrier tokens). Nothing of size (tokens x window) is ever written: the forward is an
 online softmax (flash-attention style) that stores the output and the log-sum-exp of each query;
 the backward recomputes the probabilities from them.
 
@@ -22,7 +22,11 @@ Backward (flash-attention-2 style): ``delta = rowsum(dO * O)`` in PyTorch, then
 * a dK/dV kernel over key patches: the queries that can see a key patch form again a rectangle,
   found by testing candidate queries within ``2k - 2`` of the patch (any query that sees key ``r``
   is that close to it: its window holds its stride leader, which is within ``s - 1 < k`` of it);
-* a kernel for the extra tokens' dK/dV, which every query sees, looping over all queries.
+* a kernel for the extra tokens' dK/dV, a program per window and block of its tokens, looping
+  over the window's queries (all queries for global tokens: they are one window of the map).
+
+Extra tokens in the forward and dQ walks: the patch visits each window its queries fall in (one
+for global tokens) and masks the queries of other windows.
 
 Logits are in the log2 domain (``exp2``); the stored log-sum-exp is too.
 """
@@ -63,30 +67,109 @@ def _window_start(i, n, K: tl.constexpr, S: tl.constexpr, OFFSET: tl.constexpr,
 
 
 @triton.jit
-def _window_mask(qi, qj, kr, kc, sh, sw, KH: tl.constexpr, KW: tl.constexpr):
-    """[M, N] mask: key (kr, kc) lies in the window starting at (sh, sw) of each query."""
-    rows = (kr[None, :] >= sh[:, None]) & (kr[None, :] < sh[:, None] + KH)
-    cols = (kc[None, :] >= sw[:, None]) & (kc[None, :] < sw[:, None] + KW)
-    return rows & cols
+def _key_span(t, T: tl.constexpr, n, K: tl.constexpr, S: tl.constexpr, OFFSET: tl.constexpr,
+              PARTITION: tl.constexpr):
+    """[lo, hi) on one axis: the keys seen by the queries of patch ``t`` (rows ``t*T .. t*T+T-1``
+    of a group of ``n``); window starts are non-decreasing in the query position."""
+    lo = _window_start(tl.minimum(t * T, n - 1), n, K, S, OFFSET, PARTITION)
+    hi = _window_start(tl.minimum(t * T + T - 1, n - 1), n, K, S, OFFSET, PARTITION) + K
+    return tl.maximum(lo, 0), tl.minimum(hi, n)
 
 
 @triton.jit
-def _bias(RPB, head, qi, qj, kr, kc, mask, KH: tl.constexpr, KW: tl.constexpr):
-    """[M, N] bias read from the (heads, 2KH-1, 2KW-1) table at key - query + k - 1."""
-    bh = kr[None, :] - qi[:, None] + KH - 1
-    bw = kc[None, :] - qj[:, None] + KW - 1
-    ptr = RPB + head * (2 * KH - 1) * (2 * KW - 1) + bh * (2 * KW - 1) + bw
-    return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+def _window_id(i, K: tl.constexpr, OFFSET: tl.constexpr, FIRST: tl.constexpr,
+               PER_WINDOW: tl.constexpr):
+    """The non-overlapping window holding position ``i`` (numbered as ``axis_window_count`` does,
+    ``FIRST = floor(-OFFSET / K)``), whose per-window extra tokens it sees; 0 for global ones."""
+    if PER_WINDOW:
+        wid = (i - OFFSET + K) // K - 1 - FIRST
+    else:
+        wid = i * 0
+    return wid
 
 
 @triton.jit
-def _decode_patch(pid, tiles_h, tiles_w, DW: tl.constexpr):
-    """Program id -> (dilation group row, group col, patch row index, patch col index)."""
+def _window_extent(w, n, K: tl.constexpr, OFFSET: tl.constexpr, FIRST: tl.constexpr,
+                   PER_WINDOW: tl.constexpr):
+    """[lo, hi) on one axis: the positions of window ``w`` (all ``n`` for global extra tokens)."""
+    if PER_WINDOW:
+        lo = (w + FIRST) * K + OFFSET
+        hi = tl.minimum(lo + K, n)
+        lo = tl.maximum(lo, 0)
+    else:
+        lo = w * 0
+        hi = lo + n
+    return lo, hi
+
+
+@triton.jit
+def _decode_patch(pid, tiles_h, tiles_w, H, W, DH: tl.constexpr, DW: tl.constexpr):
+    """Program id -> (dilation group row, col, patch row, col, group height, width)."""
     tw = pid % tiles_w
     rest = pid // tiles_w
     th = rest % tiles_h
     rest = rest // tiles_h
-    return rest // DW, rest % DW, th, tw
+    gh, gw = rest // DW, rest % DW
+    return gh, gw, th, tw, (H - gh + DH - 1) // DH, (W - gw + DW - 1) // DW
+
+
+@triton.jit
+def _patch_tokens(th, tw, n_h, n_w, TH: tl.constexpr, TW: tl.constexpr):
+    """The TH x TW tokens (group coordinates, clamped into the group) of patch (th, tw) and which
+    of them exist."""
+    offs = tl.arange(0, TH * TW)
+    i = th * TH + offs // TW
+    j = tw * TW + offs % TW
+    ok = (i < n_h) & (j < n_w)
+    return tl.minimum(i, n_h - 1), tl.minimum(j, n_w - 1), ok
+
+
+@triton.jit
+def _window_logits(q, k, qi, qj, kr, kc, sh, sw, pair_ok, RPB, head, qk_scale,
+                   KH: tl.constexpr, KW: tl.constexpr, HAS_RPB: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """[M, N] logits (log2 domain) of queries (qi, qj) with windows starting at (sh, sw) against
+    keys (kr, kc), plus the bias read from its (heads, 2KH-1, 2KW-1) table at key - query + k - 1,
+    and the mask of the pairs that count: the key lies in the query's window, and ``pair_ok``."""
+    rows = (kr[None, :] >= sh[:, None]) & (kr[None, :] < sh[:, None] + KH)
+    cols = (kc[None, :] >= sw[:, None]) & (kc[None, :] < sw[:, None] + KW)
+    mask = rows & cols & pair_ok
+    s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+    if HAS_RPB:
+        bh = kr[None, :] - qi[:, None] + KH - 1
+        bw = kc[None, :] - qj[:, None] + KW - 1
+        ptr = RPB + head * (2 * KH - 1) * (2 * KW - 1) + bh * (2 * KW - 1) + bw
+        s += tl.load(ptr, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    return s, mask
+
+
+@triton.jit
+def _load_extra(AK, AV, base, idx, N_EXTRA, s_en, offs_d, d_ok):
+    """Extra tokens ``idx`` (< N_EXTRA) of one window: keys, values, and which exist."""
+    ok = idx < N_EXTRA
+    mask = ok[:, None] & d_ok[None, :]
+    off = base + idx[:, None] * s_en + offs_d[None, :]
+    return tl.load(AK + off, mask=mask, other=0.0), tl.load(AV + off, mask=mask, other=0.0), ok
+
+
+@triton.jit
+def _online_softmax(m_i, l_i, acc, s, v, PRECISION: tl.constexpr):
+    """One flash-attention step over logits ``s`` (log2 domain, -inf where masked) and values
+    ``v``: running max, running sum and the unnormalised output."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
+def _softmax_grad(s, mask, lse, delta, do, v, PRECISION: tl.constexpr):
+    """Probabilities from the stored log-sum-exp, and the logits' gradient p * (dO.v - delta)."""
+    p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+    ds = p * (_dot(do, tl.trans(v), PRECISION) - delta[:, None])
+    return p, ds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,49 +180,35 @@ def _decode_patch(pid, tiles_h, tiles_w, DW: tl.constexpr):
 def _na_fwd_kernel(
     Q, K, V, RPB, AK, AV, O, LSE,
     s_b, s_y, s_x, s_h,  # strides of q/k/v/o (contiguous, head_dim stride 1)
-    s_eb, s_en, s_eh,  # strides of the extra tokens
+    s_eb, s_ey, s_ex, s_en, s_eh,  # strides of the extra tokens (window row/col 0 if global)
     H, W, NUM_HEADS, N_EXTRA, tiles_h, tiles_w, qk_scale,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr,
     PART_H: tl.constexpr, PART_W: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, PER_WINDOW: tl.constexpr,
+    FIRST_H: tl.constexpr, FIRST_W: tl.constexpr, PRECISION: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = TH * TW
-    gh, gw, th, tw = _decode_patch(tl.program_id(0), tiles_h, tiles_w, DW)
+    gh, gw, th, tw, n_h, n_w = _decode_patch(tl.program_id(0), tiles_h, tiles_w, H, W, DH, DW)
     bh_id = tl.program_id(1)
     b = bh_id // NUM_HEADS
     head = bh_id % NUM_HEADS
-    n_h = (H - gh + DH - 1) // DH
-    n_w = (W - gw + DW - 1) // DW
+    qi, qj, q_ok = _patch_tokens(th, tw, n_h, n_w, TH, TW)
+    sh = _window_start(qi, n_h, KH, SH, OH, PART_H)
+    sw = _window_start(qj, n_w, KW, SW, OW, PART_W)
 
-    offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    qi = th * TH + offs_m // TW
-    qj = tw * TW + offs_m % TW
-    q_ok = (qi < n_h) & (qj < n_w)
-    qi_c = tl.minimum(qi, n_h - 1)
-    qj_c = tl.minimum(qj, n_w - 1)
-    sh = _window_start(qi_c, n_h, KH, SH, OH, PART_H)
-    sw = _window_start(qj_c, n_w, KW, SW, OW, PART_W)
-
     base = b * s_b + head * s_h
-    q_off = (qi_c * DH + gh) * s_y + (qj_c * DW + gw) * s_x
+    q_off = (qi * DH + gh) * s_y + (qj * DW + gw) * s_x
     q = tl.load(Q + base + q_off[:, None] + offs_d[None, :],
                 mask=q_ok[:, None] & d_ok[None, :], other=0.0)
 
-    # Key rectangle of the patch (window starts are monotone in the query position).
-    first_h = tl.minimum(th * TH, n_h - 1)
-    last_h = tl.minimum(th * TH + TH - 1, n_h - 1)
-    first_w = tl.minimum(tw * TW, n_w - 1)
-    last_w = tl.minimum(tw * TW + TW - 1, n_w - 1)
-    lo_h = tl.maximum(_window_start(first_h, n_h, KH, SH, OH, PART_H), 0)
-    hi_h = tl.minimum(_window_start(last_h, n_h, KH, SH, OH, PART_H) + KH, n_h)
-    lo_w = tl.maximum(_window_start(first_w, n_w, KW, SW, OW, PART_W), 0)
-    hi_w = tl.minimum(_window_start(last_w, n_w, KW, SW, OW, PART_W) + KW, n_w)
+    lo_h, hi_h = _key_span(th, TH, n_h, KH, SH, OH, PART_H)
+    lo_w, hi_w = _key_span(tw, TW, n_w, KW, SW, OW, PART_W)
     rect_w = tl.maximum(hi_w - lo_w, 1)
     n_keys = (hi_h - lo_h) * rect_w
 
@@ -155,43 +224,31 @@ def _na_fwd_kernel(
         kv_mask = k_ok[:, None] & d_ok[None, :]
         k = tl.load(K + base + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + base + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
-        mask = _window_mask(qi, qj, kr, kc, sh, sw, KH, KW) & k_ok[None, :] & q_ok[:, None]
-        if HAS_RPB:
-            s += _bias(RPB, head, qi, qj, kr, kc, mask, KH, KW) * 1.4426950408889634
-        s = tl.where(mask, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
-        m_i = m_new
+        s, mask = _window_logits(q, k, qi, qj, kr, kc, sh, sw, q_ok[:, None] & k_ok[None, :],
+                                 RPB, head, qk_scale, KH, KW, HAS_RPB, PRECISION)
+        m_i, l_i, acc = _online_softmax(m_i, l_i, acc, tl.where(mask, s, float("-inf")), v,
+                                        PRECISION)
 
     if HAS_EXTRA:
-        e_base = b * s_eb + head * s_eh
-        for start in range(0, N_EXTRA, BLOCK_N):
-            idx = start + offs_n
-            e_ok = idx < N_EXTRA
-            e_mask = e_ok[:, None] & d_ok[None, :]
-            e_off = e_base + idx[:, None] * s_en + offs_d[None, :]
-            k = tl.load(AK + e_off, mask=e_mask, other=0.0)
-            v = tl.load(AV + e_off, mask=e_mask, other=0.0)
-            s = _dot(q, tl.trans(k), PRECISION) * qk_scale
-            s = tl.where(e_ok[None, :] & q_ok[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
-            m_i = m_new
+        # The windows the patch meets (one "window" of global tokens), each seen by its queries.
+        own_y = _window_id(qi, KH, OH, FIRST_H, PER_WINDOW)
+        own_x = _window_id(qj, KW, OW, FIRST_W, PER_WINDOW)
+        for wy in range(tl.min(own_y, 0), tl.max(own_y, 0) + 1):
+            for wx in range(tl.min(own_x, 0), tl.max(own_x, 0) + 1):
+                sees = q_ok & (own_y == wy) & (own_x == wx)
+                e_base = b * s_eb + wy * s_ey + wx * s_ex + head * s_eh
+                for start in range(0, N_EXTRA, BLOCK_N):
+                    k, v, e_ok = _load_extra(AK, AV, e_base, start + offs_n, N_EXTRA, s_en,
+                                             offs_d, d_ok)
+                    s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+                    s = tl.where(sees[:, None] & e_ok[None, :], s, float("-inf"))
+                    m_i, l_i, acc = _online_softmax(m_i, l_i, acc, s, v, PRECISION)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     tl.store(O + base + q_off[:, None] + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=q_ok[:, None] & d_ok[None, :])
-    lse_off = bh_id * H * W + (qi_c * DH + gh) * W + (qj_c * DW + gw)
+    lse_off = bh_id * H * W + (qi * DH + gh) * W + (qj * DW + gw)
     tl.store(LSE + lse_off, m_i + tl.log2(l_safe), mask=q_ok)
 
 
@@ -202,7 +259,7 @@ def _na_fwd_kernel(
 @triton.jit
 def _na_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, RPB, AK, AV, DQ, DRPB,
-    s_b, s_y, s_x, s_h, s_eb, s_en, s_eh,
+    s_b, s_y, s_x, s_h, s_eb, s_ey, s_ex, s_en, s_eh,
     H, W, NUM_HEADS, N_EXTRA, tiles_h, tiles_w, qk_scale, sm_scale, rpb_copies,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr,
@@ -210,51 +267,37 @@ def _na_bwd_dq_kernel(
     TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, HAS_EXTRA: tl.constexpr,
+    PER_WINDOW: tl.constexpr, FIRST_H: tl.constexpr, FIRST_W: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    BLOCK_M: tl.constexpr = TH * TW
     pid = tl.program_id(0)
-    gh, gw, th, tw = _decode_patch(pid, tiles_h, tiles_w, DW)
+    gh, gw, th, tw, n_h, n_w = _decode_patch(pid, tiles_h, tiles_w, H, W, DH, DW)
     bh_id = tl.program_id(1)
     b = bh_id // NUM_HEADS
     head = bh_id % NUM_HEADS
-    n_h = (H - gh + DH - 1) // DH
-    n_w = (W - gw + DW - 1) // DW
+    qi, qj, q_ok = _patch_tokens(th, tw, n_h, n_w, TH, TW)
+    sh = _window_start(qi, n_h, KH, SH, OH, PART_H)
+    sw = _window_start(qj, n_w, KW, SW, OW, PART_W)
 
-    offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    qi = th * TH + offs_m // TW
-    qj = tw * TW + offs_m % TW
-    q_ok = (qi < n_h) & (qj < n_w)
-    qi_c = tl.minimum(qi, n_h - 1)
-    qj_c = tl.minimum(qj, n_w - 1)
-    sh = _window_start(qi_c, n_h, KH, SH, OH, PART_H)
-    sw = _window_start(qj_c, n_w, KW, SW, OW, PART_W)
-
     base = b * s_b + head * s_h
-    q_off = (qi_c * DH + gh) * s_y + (qj_c * DW + gw) * s_x
+    q_off = (qi * DH + gh) * s_y + (qj * DW + gw) * s_x
     qd_mask = q_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + base + q_off[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
     do = tl.load(DO + base + q_off[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
-    row = bh_id * H * W + (qi_c * DH + gh) * W + (qj_c * DW + gw)
+    row = bh_id * H * W + (qi * DH + gh) * W + (qj * DW + gw)
     lse = tl.load(LSE + row, mask=q_ok, other=0.0)
     delta = tl.load(DELTA + row, mask=q_ok, other=0.0)
     drpb_base = DRPB + (pid % rpb_copies) * NUM_HEADS * (2 * KH - 1) * (2 * KW - 1)
 
-    first_h = tl.minimum(th * TH, n_h - 1)
-    last_h = tl.minimum(th * TH + TH - 1, n_h - 1)
-    first_w = tl.minimum(tw * TW, n_w - 1)
-    last_w = tl.minimum(tw * TW + TW - 1, n_w - 1)
-    lo_h = tl.maximum(_window_start(first_h, n_h, KH, SH, OH, PART_H), 0)
-    hi_h = tl.minimum(_window_start(last_h, n_h, KH, SH, OH, PART_H) + KH, n_h)
-    lo_w = tl.maximum(_window_start(first_w, n_w, KW, SW, OW, PART_W), 0)
-    hi_w = tl.minimum(_window_start(last_w, n_w, KW, SW, OW, PART_W) + KW, n_w)
+    lo_h, hi_h = _key_span(th, TH, n_h, KH, SH, OH, PART_H)
+    lo_w, hi_w = _key_span(tw, TW, n_w, KW, SW, OW, PART_W)
     rect_w = tl.maximum(hi_w - lo_w, 1)
     n_keys = (hi_h - lo_h) * rect_w
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = tl.zeros([TH * TW, BLOCK_D], tl.float32)
     for start in range(0, n_keys, BLOCK_N):
         idx = start + offs_n
         k_ok = idx < n_keys
@@ -264,13 +307,9 @@ def _na_bwd_dq_kernel(
         kv_mask = k_ok[:, None] & d_ok[None, :]
         k = tl.load(K + base + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + base + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
-        mask = _window_mask(qi, qj, kr, kc, sh, sw, KH, KW) & k_ok[None, :] & q_ok[:, None]
-        if HAS_RPB:
-            s += _bias(RPB, head, qi, qj, kr, kc, mask, KH, KW) * 1.4426950408889634
-        p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), PRECISION)
-        ds = p * (dp - delta[:, None])
+        s, mask = _window_logits(q, k, qi, qj, kr, kc, sh, sw, q_ok[:, None] & k_ok[None, :],
+                                 RPB, head, qk_scale, KH, KW, HAS_RPB, PRECISION)
+        p, ds = _softmax_grad(s, mask, lse, delta, do, v, PRECISION)
         dq += _dot(ds.to(k.dtype), k, PRECISION)
         if RPB_GRAD:
             bh = kr[None, :] - qi[:, None] + KH - 1
@@ -278,20 +317,20 @@ def _na_bwd_dq_kernel(
             ptr = drpb_base + head * (2 * KH - 1) * (2 * KW - 1) + bh * (2 * KW - 1) + bw
             tl.atomic_add(ptr, ds, mask=mask)
 
-    if HAS_EXTRA:
-        e_base = b * s_eb + head * s_eh
-        for start in range(0, N_EXTRA, BLOCK_N):
-            idx = start + offs_n
-            e_ok = idx < N_EXTRA
-            e_mask = e_ok[:, None] & d_ok[None, :]
-            e_off = e_base + idx[:, None] * s_en + offs_d[None, :]
-            k = tl.load(AK + e_off, mask=e_mask, other=0.0)
-            v = tl.load(AV + e_off, mask=e_mask, other=0.0)
-            s = _dot(q, tl.trans(k), PRECISION) * qk_scale
-            p = tl.where(e_ok[None, :] & q_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
-            dp = _dot(do, tl.trans(v), PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, PRECISION)
+    if HAS_EXTRA:  # the forward's walk over the windows the patch meets
+        own_y = _window_id(qi, KH, OH, FIRST_H, PER_WINDOW)
+        own_x = _window_id(qj, KW, OW, FIRST_W, PER_WINDOW)
+        for wy in range(tl.min(own_y, 0), tl.max(own_y, 0) + 1):
+            for wx in range(tl.min(own_x, 0), tl.max(own_x, 0) + 1):
+                sees = q_ok & (own_y == wy) & (own_x == wx)
+                e_base = b * s_eb + wy * s_ey + wx * s_ex + head * s_eh
+                for start in range(0, N_EXTRA, BLOCK_N):
+                    k, v, e_ok = _load_extra(AK, AV, e_base, start + offs_n, N_EXTRA, s_en,
+                                             offs_d, d_ok)
+                    s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+                    p, ds = _softmax_grad(s, sees[:, None] & e_ok[None, :], lse, delta, do, v,
+                                          PRECISION)
+                    dq += _dot(ds.to(k.dtype), k, PRECISION)
 
     tl.store(DQ + base + q_off[:, None] + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=qd_mask)
@@ -327,26 +366,18 @@ def _na_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_RPB: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    BLOCK_N: tl.constexpr = TH * TW  # keys of this program, a TH x TW patch of one group
-    gh, gw, th, tw = _decode_patch(tl.program_id(0), tiles_h, tiles_w, DW)
+    # keys of this program: a TH x TW patch of one dilation group
+    gh, gw, th, tw, n_h, n_w = _decode_patch(tl.program_id(0), tiles_h, tiles_w, H, W, DH, DW)
     bh_id = tl.program_id(1)
     b = bh_id // NUM_HEADS
     head = bh_id % NUM_HEADS
-    n_h = (H - gh + DH - 1) // DH
-    n_w = (W - gw + DW - 1) // DW
+    kr, kc, k_ok = _patch_tokens(th, tw, n_h, n_w, TH, TW)
 
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    kr = th * TH + offs_n // TW
-    kc = tw * TW + offs_n % TW
-    k_ok = (kr < n_h) & (kc < n_w)
-    kr_c = tl.minimum(kr, n_h - 1)
-    kc_c = tl.minimum(kc, n_w - 1)
-
     base = b * s_b + head * s_h
-    k_off = (kr_c * DH + gh) * s_y + (kc_c * DW + gw) * s_x
+    k_off = (kr * DH + gh) * s_y + (kc * DW + gw) * s_x
     kd_mask = k_ok[:, None] & d_ok[None, :]
     k = tl.load(K + base + k_off[:, None] + offs_d[None, :], mask=kd_mask, other=0.0)
     v = tl.load(V + base + k_off[:, None] + offs_d[None, :], mask=kd_mask, other=0.0)
@@ -358,8 +389,8 @@ def _na_bwd_dkdv_kernel(
     rect_w = tl.maximum(hi_w - lo_w, 1)
     n_queries = (hi_h - lo_h) * (hi_w - lo_w)
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dk = tl.zeros([TH * TW, BLOCK_D], tl.float32)
+    dv = tl.zeros([TH * TW, BLOCK_D], tl.float32)
     for start in range(0, n_queries, BLOCK_M):
         idx = start + offs_m
         q_ok = idx < n_queries
@@ -374,14 +405,10 @@ def _na_bwd_dkdv_kernel(
         row = bh_id * H * W + (qi * DH + gh) * W + (qj * DW + gw)
         lse = tl.load(LSE + row, mask=q_ok, other=0.0)
         delta = tl.load(DELTA + row, mask=q_ok, other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
-        mask = _window_mask(qi, qj, kr, kc, sh, sw, KH, KW) & k_ok[None, :] & q_ok[:, None]
-        if HAS_RPB:
-            s += _bias(RPB, head, qi, qj, kr, kc, mask, KH, KW) * 1.4426950408889634
-        p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+        s, mask = _window_logits(q, k, qi, qj, kr, kc, sh, sw, q_ok[:, None] & k_ok[None, :],
+                                 RPB, head, qk_scale, KH, KW, HAS_RPB, PRECISION)
+        p, ds = _softmax_grad(s, mask, lse, delta, do, v, PRECISION)
         dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION)
-        dp = _dot(do, tl.trans(v), PRECISION)
-        ds = p * (dp - delta[:, None])
         dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
 
     tl.store(DK + base + k_off[:, None] + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
@@ -392,44 +419,55 @@ def _na_bwd_dkdv_kernel(
 @triton.jit
 def _na_bwd_extra_kernel(
     Q, DO, LSE, DELTA, AK, AV, DAK, DAV,
-    s_b, s_y, s_x, s_h, s_eb, s_en, s_eh,
-    H, W, NUM_HEADS, N_EXTRA, qk_scale, sm_scale,
+    s_b, s_y, s_x, s_h, s_eb, s_ey, s_ex, s_en, s_eh,
+    H, W, NUM_HEADS, N_EXTRA, windows_w, extra_blocks, qk_scale, sm_scale,
+    KH: tl.constexpr, KW: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr,
+    PER_WINDOW: tl.constexpr, FIRST_H: tl.constexpr, FIRST_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """dK/dV of the extra tokens: every query sees them, so loop over all H*W queries."""
+    """dK/dV of a block of one window's extra tokens, looping over the queries of that window
+    (every query for global tokens, one window of the whole map)."""
+    pid = tl.program_id(0)
+    window = pid // extra_blocks
+    wy = window // windows_w
+    wx = window % windows_w
     bh_id = tl.program_id(1)
     b = bh_id // NUM_HEADS
     head = bh_id % NUM_HEADS
+    lo_h, hi_h = _window_extent(wy, H, KH, OH, FIRST_H, PER_WINDOW)
+    lo_w, hi_w = _window_extent(wx, W, KW, OW, FIRST_W, PER_WINDOW)
+    rect_w = hi_w - lo_w
+    n_queries = (hi_h - lo_h) * rect_w
+
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    e_ok = offs_n < N_EXTRA
-    e_mask = e_ok[:, None] & d_ok[None, :]
-    e_off = b * s_eb + head * s_eh + offs_n[:, None] * s_en + offs_d[None, :]
-    k = tl.load(AK + e_off, mask=e_mask, other=0.0)
-    v = tl.load(AV + e_off, mask=e_mask, other=0.0)
+    e_base = b * s_eb + wy * s_ey + wx * s_ex + head * s_eh
+    offs_n = (pid % extra_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k, v, e_ok = _load_extra(AK, AV, e_base, offs_n, N_EXTRA, s_en, offs_d, d_ok)
     base = b * s_b + head * s_h
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start in range(0, H * W, BLOCK_M):
+    for start in range(0, n_queries, BLOCK_M):
         idx = start + offs_m
-        q_ok = idx < H * W
-        q_off = (idx // W) * s_y + (idx % W) * s_x
+        q_ok = idx < n_queries
+        y = lo_h + idx // rect_w
+        x = lo_w + idx % rect_w
+        q_off = y * s_y + x * s_x
         qd_mask = q_ok[:, None] & d_ok[None, :]
         q = tl.load(Q + base + q_off[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
         do = tl.load(DO + base + q_off[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
-        lse = tl.load(LSE + bh_id * H * W + idx, mask=q_ok, other=0.0)
-        delta = tl.load(DELTA + bh_id * H * W + idx, mask=q_ok, other=0.0)
+        lse = tl.load(LSE + bh_id * H * W + y * W + x, mask=q_ok, other=0.0)
+        delta = tl.load(DELTA + bh_id * H * W + y * W + x, mask=q_ok, other=0.0)
         s = _dot(q, tl.trans(k), PRECISION) * qk_scale
-        p = tl.where(q_ok[:, None] & e_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        p, ds = _softmax_grad(s, q_ok[:, None] & e_ok[None, :], lse, delta, do, v, PRECISION)
         dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION)
-        dp = _dot(do, tl.trans(v), PRECISION)
-        ds = p * (dp - delta[:, None])
         dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
 
+    e_off = e_base + offs_n[:, None] * s_en + offs_d[None, :]
+    e_mask = e_ok[:, None] & d_ok[None, :]
     tl.store(DAK + e_off, (dk * sm_scale).to(DAK.dtype.element_ty), mask=e_mask)
     tl.store(DAV + e_off, dv.to(DAV.dtype.element_ty), mask=e_mask)
 
@@ -484,8 +522,18 @@ class _Geometry:
                     HEAD_DIM=self.head_dim, BLOCK_D=max(16, triton.next_power_of_2(self.head_dim)))
 
 
-def _extra_strides(ak: Optional[Tensor]):
-    return (0, 0, 0) if ak is None else (ak.stride(0), ak.stride(1), ak.stride(2))
+def _extra_layout(ak: Optional[Tensor], geo: "_Geometry"):
+    """How the kernels address the extra tokens: strides (batch, window row, window col, token,
+    head), token count, windows (rows, cols), constexprs. Global tokens (B, N, heads, D) are one
+    window; per-window ones (B, nh, nw, N, heads, D) are numbered as ``axis_window_count`` does."""
+    if ak is None:
+        return (0,) * 5, 0, (1, 1), dict(PER_WINDOW=False, FIRST_H=0, FIRST_W=0)
+    if ak.dim() == 4:
+        strides = (ak.stride(0), 0, 0, ak.stride(1), ak.stride(2))
+        return strides, ak.shape[1], (1, 1), dict(PER_WINDOW=False, FIRST_H=0, FIRST_W=0)
+    first = [(-(o or 0)) // k for o, k in zip(geo.offset, geo.kernel)]
+    return (tuple(ak.stride())[:5], ak.shape[3], tuple(ak.shape[1:3]),
+            dict(PER_WINDOW=True, FIRST_H=first[0], FIRST_W=first[1]))
 
 
 def _forward(q, k, v, rpb, ak, av, kernel_size, stride, dilation, offset, scale):
@@ -494,14 +542,14 @@ def _forward(q, k, v, rpb, ak, av, kernel_size, stride, dilation, offset, scale)
     out = torch.empty_like(q)
     lse = torch.empty(B, geo.heads, geo.H, geo.W, device=q.device, dtype=torch.float32)
     th, tw, tiles, grid0 = geo.patches(geo.cfg["block_m"])
-    n_extra = 0 if ak is None else ak.shape[1]
+    e_strides, n_extra, _, e_cx = _extra_layout(ak, geo)
     dummy = q  # stands for absent optional tensors; never read (constexpr-disabled)
     _na_fwd_kernel[(grid0, B * geo.heads)](
         q, k, v, rpb if rpb is not None else dummy, ak if ak is not None else dummy,
         av if av is not None else dummy, out, lse,
-        q.stride(0), q.stride(1), q.stride(2), q.stride(3), *_extra_strides(ak),
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3), *e_strides,
         geo.H, geo.W, geo.heads, n_extra, tiles[0], tiles[1], scale * LOG2E,
-        **geo.constexprs(), TH=th, TW=tw, BLOCK_N=geo.cfg["block_n"],
+        **geo.constexprs(), **e_cx, TH=th, TW=tw, BLOCK_N=geo.cfg["block_n"],
         HAS_RPB=rpb is not None, HAS_EXTRA=ak is not None, PRECISION=_precision(q),
         num_warps=geo.cfg["num_warps"], num_stages=geo.cfg["num_stages"],
     )
@@ -515,7 +563,7 @@ def _backward(grad_out, q, k, v, out, lse, rpb, ak, av, kernel_size, stride, dil
     grad_out = grad_out.contiguous()
     delta = (out.float() * grad_out.float()).sum(-1).permute(0, 3, 1, 2).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    n_extra = 0 if ak is None else ak.shape[1]
+    e_strides, n_extra, windows, e_cx = _extra_layout(ak, geo)
     dummy = q
     cx = geo.constexprs()
     common = dict(num_warps=geo.cfg["num_warps"], num_stages=geo.cfg["num_stages"])
@@ -530,9 +578,9 @@ def _backward(grad_out, q, k, v, out, lse, rpb, ak, av, kernel_size, stride, dil
     _na_bwd_dq_kernel[(grid0, B * geo.heads)](
         q, k, v, grad_out, lse, delta, rpb if rpb is not None else dummy,
         ak if ak is not None else dummy, av if av is not None else dummy, dq, drpb,
-        *strides, *_extra_strides(ak),
+        *strides, *e_strides,
         geo.H, geo.W, geo.heads, n_extra, tiles[0], tiles[1], scale * LOG2E, scale, copies,
-        **cx, TH=th, TW=tw, BLOCK_N=geo.cfg["block_n"], HAS_RPB=rpb is not None,
+        **cx, **e_cx, TH=th, TW=tw, BLOCK_N=geo.cfg["block_n"], HAS_RPB=rpb is not None,
         RPB_GRAD=rpb_grad, HAS_EXTRA=ak is not None, PRECISION=precision, **common,
     )
 
@@ -549,9 +597,11 @@ def _backward(grad_out, q, k, v, out, lse, rpb, ak, av, kernel_size, stride, dil
     if ak is not None:
         dak, dav = torch.empty_like(ak), torch.empty_like(av)
         block_n = geo.cfg["block_n"]
-        _na_bwd_extra_kernel[(triton.cdiv(n_extra, block_n), B * geo.heads)](
-            q, grad_out, lse, delta, ak, av, dak, dav, *strides, *_extra_strides(ak),
-            geo.H, geo.W, geo.heads, n_extra, scale * LOG2E, scale,
+        blocks = triton.cdiv(n_extra, block_n)
+        _na_bwd_extra_kernel[(windows[0] * windows[1] * blocks, B * geo.heads)](
+            q, grad_out, lse, delta, ak, av, dak, dav, *strides, *e_strides,
+            geo.H, geo.W, geo.heads, n_extra, windows[1], blocks, scale * LOG2E, scale,
+            KH=cx["KH"], KW=cx["KW"], OH=cx["OH"], OW=cx["OW"], **e_cx,
             BLOCK_M=geo.cfg["block_m"], BLOCK_N=block_n, HEAD_DIM=cx["HEAD_DIM"],
             BLOCK_D=cx["BLOCK_D"], PRECISION=precision, **common,
         )

@@ -22,8 +22,10 @@ import zlib
 import pytest
 import torch
 
-from zoo.kernels import backend, na2d, na2d_reference, selected_backend
+from zoo.kernels import BACKENDS, backend, na2d, na2d_reference, selected_backend
+from zoo.kernels.neighborhood import axis_window_count
 
+triton = pytest.importorskip("triton")
 triton_na = pytest.importorskip("zoo.kernels.triton_na")
 
 INTERPRETED = triton_na.interpreter_active()
@@ -52,6 +54,7 @@ def compare(case, device="cpu", tf32=False):
     case = dict(case)
     (batch, height, width, heads, dim), dtype = case.pop("shape"), case.pop("dtype")
     extra, with_rpb, seed = case.pop("extra", 0), case.pop("rpb", True), case.pop("seed", 0)
+    per_window = case.pop("per_window", False)
     launch = case.pop("launch", {})
     kh, kw_ = pair(case["kernel_size"])
     gen = torch.Generator().manual_seed(seed)
@@ -63,8 +66,13 @@ def compare(case, device="cpu", tf32=False):
     kw = dict(case)
     if with_rpb:  # the table stays fp32, as under autocast
         inputs.append(rand(heads, 2 * kh - 1, 2 * kw_ - 1, dt=torch.float32))
-    if extra:
-        inputs += [rand(batch, extra, heads, dim) for _ in range(2)]
+    if extra:  # global (B, N, heads, D) or per window (B, nh, nw, N, heads, D)
+        windows = ()
+        if per_window:
+            windows = tuple(axis_window_count(n, k, s, d, o) for n, k, s, d, o in zip(
+                (height, width), (kh, kw_), pair(case.get("stride", 1)),
+                pair(case.get("dilation", 1)), pair(case.get("window_offset"))))
+        inputs += [rand(batch, *windows, extra, heads, dim) for _ in range(2)]
     grad_out = rand(batch, height, width, heads, dim)
 
     def run(tensors, name, **cfg):
@@ -110,6 +118,15 @@ NAMED = {
     "kernel_1_sliding": dict(kernel_size=(1, 5)),
     "extra_sliding": dict(kernel_size=3, extra=4),  # FasterViT carrier tokens
     "extra_shifted_many": dict(kernel_size=3, stride=3, window_offset=1, extra=21),
+    # per-window extras (FasterViT: window queries see their window's carrier tokens, carrier
+    # queries their window's tokens); ragged last tiles, clipped shifted cells, many tokens
+    "per_window_ragged": dict(kernel_size=(3, 4), stride=(3, 4), extra=4, per_window=True),
+    "per_window_shifted": dict(kernel_size=(4, 3), stride=(4, 3), window_offset=(2, 1), extra=3,
+                               per_window=True),
+    "per_window_one_axis_shifted": dict(kernel_size=(3, 2), stride=(3, 2),
+                                        window_offset=(None, 1), extra=2, per_window=True),
+    "per_window_many": dict(kernel_size=2, stride=2, extra=25, per_window=True,
+                            shape=(2, 8, 6, 2, 16)),
     "no_rpb": dict(kernel_size=(3, 5), dilation=(2, 1), rpb=False),
     "head_dim_24": dict(kernel_size=3, shape=(1, 7, 8, 1, 24)),
     "head_dim_48_batch_2": dict(kernel_size=(3, 5), shape=(2, 6, 7, 2, 48), extra=2),
@@ -118,13 +135,17 @@ NAMED = {
 NAMED_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def random_case(seed):
+def random_case(seed, per_window=False):
+    """A seeded random case over every knob; ``per_window``: non-overlapping windows (no
+    dilation) with per-window extra tokens."""
     rng = random.Random(seed)
     height, width = rng.randint(4, 13), rng.randint(4, 13)
     kernel, stride, dilation, offset = [], [], [], []
+    modes = ["blocked", "partition", "stripe"] if per_window else [
+        "sliding", "sliding", "strided", "blocked", "partition", "stripe"]
     for length in (height, width):
-        mode = rng.choice(["sliding", "sliding", "strided", "blocked", "partition", "stripe"])
-        d = rng.choice([1, 1, 1, 2, 3]) if length >= 6 else 1
+        mode = rng.choice(modes)
+        d = rng.choice([1, 1, 1, 2, 3]) if length >= 6 and not per_window else 1
         n = length // d  # the shortest group holds at least this many tokens
         k = rng.randint(1, min(n, 7))
         s, o = 1, None
@@ -148,6 +169,8 @@ def random_case(seed):
                 launch=dict(block_m=rng.choice([16, 32, 64, 64]), block_n=rng.choice([16, 32, 64, 64])))
     if any(o is not None for o in offset):
         case["window_offset"] = tuple(offset)
+    if per_window:
+        case.update(extra=rng.choice([1, 3, 4, 17]), per_window=True)
     return case
 
 
@@ -170,6 +193,12 @@ def test_random_cases(seed):
     compare(random_case(seed))
 
 
+@needs_interpreter
+@pytest.mark.parametrize("seed", range(100, 130))
+def test_random_per_window_cases(seed):
+    compare(random_case(seed, per_window=True))
+
+
 # ---------------------------------------------------------------------------------------------
 # The interpreter run, launched from the ordinary test process.
 
@@ -184,7 +213,7 @@ def test_interpreter_suite():
     tail = (result.stdout + result.stderr)[-6000:]
     assert result.returncode == 0, f"TRITON_INTERPRET=1 run failed:\n{tail}"
     passed = re.search(r"(\d+) passed", tail)
-    assert passed and int(passed.group(1)) >= 150, tail  # the interpreter cases did run
+    assert passed and int(passed.group(1)) >= 190, tail  # the interpreter cases did run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +230,11 @@ GPU_CASES = {
     "maxvit_grid": dict(kernel_size=7, stride=7, dilation=8),
     "cswin_stripe_h": dict(kernel_size=(7, 56), stride=(7, 56), rpb=False),
     "cswin_stripe_w": dict(kernel_size=(56, 7), stride=(56, 7), rpb=False),
-    "fastervit_carriers": dict(kernel_size=7, stride=7, extra=16, shape=(2, 28, 28, 4, 32)),
+    "global_extras": dict(kernel_size=7, stride=7, extra=16, shape=(2, 28, 28, 4, 32)),
+    "fastervit_window_carriers": dict(kernel_size=7, stride=7, extra=4, per_window=True,
+                                      shape=(2, 28, 28, 4, 32)),
+    "fastervit_carrier_queries": dict(kernel_size=2, stride=2, extra=49, per_window=True,
+                                      shape=(2, 8, 8, 4, 32), rpb=False),
     "strided_gna": dict(kernel_size=(7, 9), stride=(2, 3), dilation=(2, 1)),
     "nat_k7_dim64": dict(kernel_size=7, shape=(1, 28, 28, 4, 64)),
     "nat_k7_dim128": dict(kernel_size=7, shape=(1, 14, 14, 8, 128)),
@@ -297,17 +330,15 @@ def test_forced_triton_unsupported_cases_raise():
             na2d(*_small(dtype=torch.float64), 3)
 
 
-def test_per_window_extra_tokens_stay_on_the_reference():
-    """FasterViT's per-window carrier tokens (6-D extras) have no Triton path yet: forcing it says
-    so, and auto takes the reference."""
+def test_per_window_extra_tokens_are_checked_for_every_backend():
+    """The window count of per-window extra tokens is validated before any backend is chosen."""
     q, k, v = (t[:, :4, :6] for t in _small())
-    extra = torch.randn(q.shape[0], 2, 2, 3, q.shape[3], q.shape[4])
-    with backend("triton"), pytest.raises(RuntimeError, match="per-window extra tokens"):
-        na2d(q, k, v, (2, 3), (2, 3), additional_keys=extra, additional_values=extra)
-    with backend("auto"):
-        out = na2d(q, k, v, (2, 3), (2, 3), additional_keys=extra, additional_values=extra)
-    ref = na2d_reference(q, k, v, (2, 3), (2, 3), additional_keys=extra, additional_values=extra)
-    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    extra = torch.randn(q.shape[0], 2, 3, 3, q.shape[3], q.shape[4])  # 2 x 2 windows, not 2 x 3
+    for name in BACKENDS:
+        with backend(name), pytest.raises(ValueError, match=r"one entry per window.*\(2, 2\)"):
+            na2d(q, k, v, (2, 3), (2, 3), additional_keys=extra, additional_values=extra)
+    with pytest.raises(ValueError, match="non-overlapping windows"):
+        na2d(q, k, v, 2, 1, additional_keys=extra, additional_values=extra)
 
 
 def test_triton_supports_rules():
@@ -393,35 +424,46 @@ def test_custom_op_opcheck():
 @pytest.mark.skipif(INTERPRETED, reason="kernels are interpreted in this process")
 @pytest.mark.parametrize("dtype,head_dim", [("fp16", 32), ("bf16", 128)])
 def test_kernels_compile_for_sm90(dtype, head_dim):
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     block_d = max(16, triton.next_power_of_2(head_dim))
     geo = dict(KH=7, KW=5, SH=1, SW=5, DH=2, DW=1, OH=0, OW=2, PART_H=False, PART_W=True,
                HEAD_DIM=head_dim, BLOCK_D=block_d)
     p = "*" + dtype
+    blocked = dict(geo, KW=4, SW=4, DH=1, OH=2, OW=0, PART_H=True, PART_W=False)
+    extras = dict(HAS_EXTRA=True, PER_WINDOW=True, FIRST_H=-1, FIRST_W=0)
     kernels = [
         (triton_na._na_fwd_kernel, dict(geo, TH=8, TW=8, BLOCK_N=64, HAS_RPB=True,
-                                        HAS_EXTRA=True, PRECISION="ieee")),
-        (triton_na._na_bwd_dq_kernel, dict(geo, TH=8, TW=8, BLOCK_N=64, HAS_RPB=True,
-                                           RPB_GRAD=True, HAS_EXTRA=True, PRECISION="ieee")),
+                                        HAS_EXTRA=True, PER_WINDOW=False, FIRST_H=0, FIRST_W=0,
+                                        PRECISION="ieee")),
+        (triton_na._na_fwd_kernel, dict(blocked, TH=8, TW=8, BLOCK_N=64, HAS_RPB=True, **extras,
+                                        PRECISION="ieee")),
+        (triton_na._na_bwd_dq_kernel, dict(blocked, TH=8, TW=8, BLOCK_N=64, HAS_RPB=True,
+                                           RPB_GRAD=True, **extras, PRECISION="ieee")),
         (triton_na._na_bwd_dkdv_kernel, dict(geo, TH=8, TW=8, BLOCK_M=64, CAND_H=64, CAND_W=64,
                                              HAS_RPB=True, PRECISION="ieee")),
-        (triton_na._na_bwd_extra_kernel, dict(BLOCK_M=64, BLOCK_N=64, HEAD_DIM=head_dim,
-                                              BLOCK_D=block_d, PRECISION="ieee")),
+        (triton_na._na_bwd_extra_kernel, dict(KH=7, KW=4, OH=2, OW=0, PER_WINDOW=True, FIRST_H=-1,
+                                              FIRST_W=0, BLOCK_M=64, BLOCK_N=64,
+                                              HEAD_DIM=head_dim, BLOCK_D=block_d,
+                                              PRECISION="ieee")),
     ]
-    fp32_ptrs = {"RPB", "LSE", "DELTA", "DRPB"}
     for fn, consts in kernels:
-        signature = {}
-        for name in fn.arg_names:
-            if name in consts:
-                signature[name] = "constexpr"
-            elif name.isupper() and name not in ("H", "W", "NUM_HEADS", "N_EXTRA"):  # tensors
-                signature[name] = "*fp32" if name in fp32_ptrs else p
-            else:
-                signature[name] = "fp32" if name.endswith("scale") else "i32"
-        compiled = triton.compile(ASTSource(fn, signature, constexprs=consts),
-                                  target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=4, num_stages=2))
+        compiled = compile_for_sm90(fn, consts, p)
         assert compiled.asm["cubin"], fn.__name__
+
+
+def compile_for_sm90(fn, consts, pointer, num_warps=4, num_stages=2):
+    """Compile a kernel for an H100 (sm_90) on this machine: no GPU needed, only ptxas."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fp32_ptrs = {"RPB", "LSE", "DELTA", "DRPB"}
+    signature = {}
+    for name in fn.arg_names:
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name.isupper() and name not in ("H", "W", "NUM_HEADS", "N_EXTRA"):  # tensors
+            signature[name] = "*fp32" if name in fp32_ptrs else pointer
+        else:
+            signature[name] = "fp32" if name.endswith("scale") else "i32"
+    return triton.compile(ASTSource(fn, signature, constexprs=consts),
+                          target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
