@@ -67,3 +67,43 @@ def test_any_input_size_runs(name):
             assert abs(f.shape[2] - h / stride) < 1 and abs(f.shape[3] - w / stride) < 1, \
                 (name, h, w, tuple(f.shape), stride)
         assert [i["reduction"] for i in model.feature_info] == [4, 8, 16, 32]
+
+
+# One model per family (and each hybrid): the smallest, since variants share their code paths.
+FAMILY_MODELS = ["zoo_nat_mini", "zoo_dinat_mini", "zoo_swin_tiny", "zoo_cswin_tiny",
+                 "zoo_litv2_small", "zoo_maxvit_tiny", "zoo_gcvit_xxtiny", "zoo_biformer_tiny",
+                 "zoo_fastervit_0", "zoo_hybrid_conv_na_routed_full",
+                 "zoo_hybrid_ffn_window_dilated_grid"]
+
+
+@pytest.mark.parametrize("name", FAMILY_MODELS)
+def test_compiles_to_one_graph_with_every_attention_fused(name, monkeypatch):
+    """torch.compile(model, fullgraph=True) traces the whole model, and every attention call of
+    an eager forward is one of zoo's Triton custom ops in that graph (none decomposed, none left
+    to the reference). On the meta device: with the Triton backend forced, the custom ops run
+    their fake implementations, so no GPU is needed to trace."""
+    from zoo.kernels import backend, triton_na, triton_routed
+
+    eager_calls = []
+    for module, fn in ((triton_na, "na2d_triton"), (triton_routed, "routed_attention_triton")):
+        real = getattr(module, fn)
+        monkeypatch.setattr(module, fn, lambda *a, real=real, **k: eager_calls.append(1) or real(*a, **k))
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    x = torch.empty(2, 3, 224, 224, device="meta")
+    with backend("triton"):
+        model(x)
+    monkeypatch.undo()
+
+    graph_ops = []
+
+    def count_zoo_ops(gm, example_inputs):
+        graph_ops.extend(n.target for n in gm.graph.nodes
+                         if n.op == "call_function" and str(n.target).startswith("zoo."))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with backend("triton"):
+        out = torch.compile(model, fullgraph=True, backend=count_zoo_ops)(x)
+    assert out.shape == (2, model.num_classes)
+    assert len(eager_calls) > 0 and len(graph_ops) == len(eager_calls), (graph_ops, len(eager_calls))
