@@ -1,38 +1,26 @@
 """The fused Triton generalized neighborhood attention against the reference (zoo.kernels.na2d).
 
 Three runs of the same comparisons:
-* On the CPU, through Triton's interpreter, at small shapes. The interpreter is chosen when
-  ``triton.jit`` decorates the kernels, i.e. ``TRITON_INTERPRET=1`` must be set before
-  zoo.kernels is imported, which other test modules of the same pytest process have already done.
-  So ``test_interpreter_suite`` launches this file again in a fresh ``python -m pytest`` with the
-  variable set, and the interpreter tests skip themselves in any process where the kernels were
-  built without it. To see them one by one:
-  ``TRITON_INTERPRET=1 python -m pytest tests/test_triton_na.py -m "not gpu"``.
+* On the CPU, through Triton's interpreter, at small shapes: ``test_interpreter_suite`` launches
+  this file again with ``TRITON_INTERPRET=1`` (tests/triton_harness.py says why). To see them one by
+  one: ``TRITON_INTERPRET=1 python -m pytest tests/test_triton_na.py -m "not gpu"``.
 * On a GPU (``@pytest.mark.gpu``, skipped without CUDA), at full model shapes.
 * Dispatch, custom-op and torch.compile checks that need neither.
 """
 
-import os
 import random
-import re
-import subprocess
-import sys
 import zlib
 
 import pytest
 import torch
 
+from triton_harness import (compile_for_sm90, gpu, needs_interpreter, not_interpreted,
+                            run_interpreter_suite)
 from zoo.kernels import BACKENDS, backend, na2d, na2d_reference, selected_backend
 from zoo.kernels.neighborhood import axis_window_count
 
 triton = pytest.importorskip("triton")
 triton_na = pytest.importorskip("zoo.kernels.triton_na")
-
-INTERPRETED = triton_na.interpreter_active()
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_suite")
-gpu = [pytest.mark.gpu,
-       pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 # max |triton - reference| <= TOL * max(1, max |reference|); the reference runs in fp32 on the
 # same (rounded) inputs, so half-precision tolerances cover the kernel's own roundings only.
@@ -203,17 +191,9 @@ def test_random_per_window_cases(seed):
 # The interpreter run, launched from the ordinary test process.
 
 
-@pytest.mark.skipif(INTERPRETED, reason="this process already is the interpreter run")
+@not_interpreted
 def test_interpreter_suite():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("ZOO_ATTENTION_BACKEND", None)
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-m", "not gpu", "-p",
-           "no:cacheprovider", "-x", "--no-header"]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
-    tail = (result.stdout + result.stderr)[-6000:]
-    assert result.returncode == 0, f"TRITON_INTERPRET=1 run failed:\n{tail}"
-    passed = re.search(r"(\d+) passed", tail)
-    assert passed and int(passed.group(1)) >= 190, tail  # the interpreter cases did run
+    run_interpreter_suite(__file__, min_passed=190)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,8 +224,7 @@ GPU_CASES = {
 
 @pytest.mark.parametrize("dtype", NAMED_DTYPES, ids=str)
 @pytest.mark.parametrize("name", GPU_CASES)
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@gpu
 def test_gpu_full_shapes(name, dtype):
     case = dict(GPU_CASES[name])
     case.setdefault("shape", FULL)
@@ -254,16 +233,14 @@ def test_gpu_full_shapes(name, dtype):
 
 
 @pytest.mark.parametrize("seed", range(100))
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@gpu
 def test_gpu_random_cases(seed):
     case = random_case(seed)
     case.pop("launch")  # the GPU's own launch configuration
     compare(case, device="cuda")
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@gpu
 def test_gpu_auto_dispatch_compile_and_memory():
     q, k, v = (torch.randn(2, 56, 56, 2, 32, device="cuda", dtype=torch.float16,
                            requires_grad=True) for _ in range(3))
@@ -316,7 +293,7 @@ def test_backend_selection(monkeypatch):
             pass
 
 
-@pytest.mark.skipif(INTERPRETED, reason="the interpreter accepts CPU tensors")
+@not_interpreted  # the interpreter accepts CPU tensors
 def test_forced_triton_on_cpu_raises():
     with backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         na2d(*_small(), 3)
@@ -416,12 +393,11 @@ def test_custom_op_opcheck():
 
 
 # ---------------------------------------------------------------------------------------------
-# The interpreter is lenient: compile the real kernels for an H100 (sm_90) without a GPU, so a
-# kernel that only the compiler rejects fails here too.
+# The interpreter is lenient: compile the real kernels for an H100 (sm_90) without a GPU.
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(INTERPRETED, reason="kernels are interpreted in this process")
+@not_interpreted
 @pytest.mark.parametrize("dtype,head_dim", [("fp16", 32), ("bf16", 128)])
 def test_kernels_compile_for_sm90(dtype, head_dim):
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -446,24 +422,8 @@ def test_kernels_compile_for_sm90(dtype, head_dim):
                                               PRECISION="ieee")),
     ]
     for fn, consts in kernels:
-        compiled = compile_for_sm90(fn, consts, p)
+        compiled = compile_for_sm90(fn, consts, p, scalars=("H", "W", "NUM_HEADS", "N_EXTRA"),
+                                    pointer_types=dict.fromkeys(("RPB", "LSE", "DELTA", "DRPB"),
+                                                                "*fp32"))
         assert compiled.asm["cubin"], fn.__name__
 
-
-def compile_for_sm90(fn, consts, pointer, num_warps=4, num_stages=2):
-    """Compile a kernel for an H100 (sm_90) on this machine: no GPU needed, only ptxas."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fp32_ptrs = {"RPB", "LSE", "DELTA", "DRPB"}
-    signature = {}
-    for name in fn.arg_names:
-        if name in consts:
-            signature[name] = "constexpr"
-        elif name.isupper() and name not in ("H", "W", "NUM_HEADS", "N_EXTRA"):  # tensors
-            signature[name] = "*fp32" if name in fp32_ptrs else pointer
-        else:
-            signature[name] = "fp32" if name.endswith("scale") else "i32"
-    return triton.compile(ASTSource(fn, signature, constexprs=consts),
-                          target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))

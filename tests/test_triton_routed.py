@@ -2,8 +2,7 @@
 
 Same three runs as tests/test_triton_na.py (whose helpers this file reuses):
 * On the CPU through Triton's interpreter, at small shapes: ``test_interpreter_suite`` relaunches
-  this file in a fresh ``python -m pytest`` with ``TRITON_INTERPRET=1`` (the variable must be set
-  before zoo.kernels is imported); the interpreter tests skip themselves elsewhere. One by one:
+  this file with ``TRITON_INTERPRET=1`` (tests/triton_harness.py says why). One by one:
   ``TRITON_INTERPRET=1 python -m pytest tests/test_triton_routed.py -m "not gpu"``.
 * On a GPU (``@pytest.mark.gpu``, skipped without CUDA), at BiFormer's shapes.
 * Dispatch, reverse index, custom-op and torch.compile checks that need neither.
@@ -13,23 +12,17 @@ listed twice counts twice, in the forward and in every gradient), and the random
 some regions twice to check it.
 """
 
-import os
 import random
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from triton_harness import (compile_for_sm90, gpu, needs_interpreter, not_interpreted,
+                            run_interpreter_suite)
 from zoo.kernels import backend, routed_attention, routed_attention_reference
 
 triton_routed = pytest.importorskip("zoo.kernels.triton_routed")
 from test_triton_na import TOL, assert_close  # noqa: E402  (pytest puts tests/ on sys.path)
-
-INTERPRETED = triton_routed.interpreter_active()
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_suite")
 
 
 def random_index(batch, regions, topk, gen, repeats=0):
@@ -192,18 +185,9 @@ def test_biformer_mixers_through_triton():
 # The interpreter run, launched from the ordinary test process.
 
 
-@pytest.mark.skipif(INTERPRETED, reason="this process already is the interpreter run")
+@not_interpreted
 def test_interpreter_suite():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("ZOO_ATTENTION_BACKEND", None)
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-m", "not gpu", "-p",
-           "no:cacheprovider", "-x", "--no-header"]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    tail = (result.stdout + result.stderr)[-6000:]
-    assert result.returncode == 0, f"TRITON_INTERPRET=1 run failed:\n{tail}"
-    passed = re.search(r"(\d+) passed", tail)
-    assert passed and int(passed.group(1)) >= 3 * len(NAMED) + N_RANDOM, tail
+    run_interpreter_suite(__file__, min_passed=3 * len(NAMED) + N_RANDOM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,24 +213,21 @@ GPU_CASES = {
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", GPU_CASES)
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@gpu
 def test_gpu_biformer_shapes(name, dtype):
     case = dict(batch=2, dtype=dtype, seed=1, scale=None, **GPU_CASES[name])
     compare(case, device="cuda", tf32=torch.backends.cuda.matmul.allow_tf32)
 
 
 @pytest.mark.parametrize("seed", range(N_RANDOM))
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@gpu
 def test_gpu_random_cases(seed):
     case = random_case(seed)
     case.pop("launch")  # the GPU's own launch configuration
     compare(case, device="cuda")
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@gpu
 def test_gpu_auto_dispatch_compile_and_memory():
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(2, 56, 56, 4, 32, device="cuda", dtype=torch.float16, generator=gen,
@@ -306,7 +287,7 @@ def test_auto_on_cpu_is_the_reference():
                                atol=0, rtol=0)
 
 
-@pytest.mark.skipif(INTERPRETED, reason="the interpreter accepts CPU tensors")
+@not_interpreted  # the interpreter accepts CPU tensors
 def test_forced_triton_on_cpu_raises():
     with backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         routed_attention(*_small(), 2)
@@ -388,13 +369,11 @@ def test_custom_op_opcheck():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(INTERPRETED, reason="kernels are interpreted in this process")
+@not_interpreted
 @pytest.mark.parametrize("dtype,head_dim,v_dim", [("fp16", 32, 32), ("bf16", 128, 64),
                                                   ("fp32", 96, 96)])
 def test_kernels_compile_for_sm90(dtype, head_dim, v_dim):
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import triton
 
     dims = dict(RH=4, RW=4, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
                 V_DIM=v_dim, BLOCK_DV=triton.next_power_of_2(v_dim),
@@ -404,20 +383,9 @@ def test_kernels_compile_for_sm90(dtype, head_dim, v_dim):
         (triton_routed._routed_bwd_dq_kernel, dict(dims, BLOCK_M=16, BLOCK_N=64)),
         (triton_routed._routed_bwd_dkdv_kernel, dict(dims, BLOCK_M=64, BLOCK_N=16)),
     ]
+    pointer_types = {**dict.fromkeys(("IDX", "OFFSETS", "SOURCES"), "*i32"),
+                     **dict.fromkeys(("LSE", "DELTA"), "*fp32")}
     for fn, consts in kernels:
-        signature = {}
-        for name in fn.arg_names:
-            if name in consts:
-                signature[name] = "constexpr"
-            elif name in ("IDX", "OFFSETS", "SOURCES"):
-                signature[name] = "*i32"
-            elif name in ("LSE", "DELTA"):
-                signature[name] = "*fp32"
-            elif name.isupper() and name not in ("H", "W", "NUM_HEADS", "R", "GW", "TOPK"):
-                signature[name] = "*" + dtype
-            else:
-                signature[name] = "fp32" if name.endswith("scale") else "i32"
-        compiled = triton.compile(ASTSource(fn, signature, constexprs=consts),
-                                  target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=4, num_stages=2))
+        compiled = compile_for_sm90(fn, consts, "*" + dtype, pointer_types,
+                                    scalars=("H", "W", "NUM_HEADS", "R", "GW", "TOPK"))
         assert compiled.asm["cubin"], fn.__name__

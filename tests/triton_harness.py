@@ -1,0 +1,77 @@
+"""Shared by the Triton test modules: the CPU interpreter re-run, the GPU mark, and compiling the
+real kernels for an H100 without one.
+
+The interpreter is chosen when ``triton.jit`` decorates the kernels, so ``TRITON_INTERPRET=1``
+must be set before zoo.kernels is imported, which other test modules of the same pytest process
+have already done. Each Triton test module therefore marks its interpreter tests
+``needs_interpreter`` (they skip in an ordinary process) and launches itself again in a fresh
+``python -m pytest`` with the variable set, through ``run_interpreter_suite``.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+try:
+    from zoo.kernels.triton_common import interpreter_active
+except ImportError:  # no triton on this platform: the modules importorskip it anyway
+    INTERPRETED = False
+else:
+    INTERPRETED = interpreter_active()
+
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_suite")
+not_interpreted = pytest.mark.skipif(
+    INTERPRETED, reason="this process is the interpreter run")
+
+
+def gpu(test):
+    """Mark a test as needing a CUDA device (``-m gpu`` selects them; they skip without one)."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(),
+                                              reason="needs a CUDA device")(test))
+
+
+def run_interpreter_suite(test_file: str, min_passed: int, timeout: int = 1200) -> None:
+    """Run ``test_file``'s CPU tests under the interpreter; fail with the output's tail unless
+    they pass and at least ``min_passed`` of them ran (so the interpreter cases did run)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("ZOO_ATTENTION_BACKEND", None)
+    cmd = [sys.executable, "-m", "pytest", test_file, "-q", "-m", "not gpu", "-p",
+           "no:cacheprovider", "-x", "--no-header"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    tail = (result.stdout + result.stderr)[-6000:]
+    assert result.returncode == 0, f"TRITON_INTERPRET=1 run failed:\n{tail}"
+    passed = re.search(r"(\d+) passed", tail)
+    assert passed and int(passed.group(1)) >= min_passed, tail
+
+
+def compile_for_sm90(fn, constexprs: dict, pointer: str, pointer_types: dict = None,
+                     scalars=(), num_warps: int = 4, num_stages: int = 2):
+    """Compile a kernel for an H100 (sm_90) on this machine; no GPU needed, only the ptxas Triton
+    ships. The interpreter is lenient, so a kernel only the compiler rejects fails here. Arguments
+    named in ``constexprs`` are constants; upper-case ones are pointers, of ``pointer`` type
+    (e.g. "*bf16") unless ``pointer_types`` says otherwise, except the integer ``scalars``;
+    lower-case ones are i32, or fp32 for ``*scale``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointer_types = pointer_types or {}
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointer_types:
+            signature[name] = pointer_types[name]
+        elif name.isupper() and name not in scalars:
+            signature[name] = pointer
+        else:
+            signature[name] = "fp32" if name.endswith("scale") else "i32"
+    return triton.compile(ASTSource(fn, signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
