@@ -7,10 +7,12 @@ time the forward and forward+backward and record the peak memory of:
   flex          torch.compile'd flex_attention with the equivalent block mask (and the bias as a
                 score_mod, extra tokens appended to the keys)
   natten        NATTEN's flex-fna backend, compiled (neighborhood cases only: no partition
-                offsets, and NATTEN takes no bias table, so it runs without one)
+                offsets or per-window extra tokens, and NATTEN takes no bias table, so it
+                runs without one)
   sdpa_dense    scaled_dot_product_attention over all tokens (no mask: the dense cost)
   sdpa_windows  scaled_dot_product_attention over partitioned windows (blocked cases; the map
-                padded to a multiple of the window, without bias)
+                padded to a multiple of the window, without bias; FasterViT's carrier tokens
+                concatenated to their window's keys, as its authors do)
 
 Usage (GPU):  python benchmarks/bench_na.py [--img 224 1024] [--families nat swin ...]
 Results:      benchmarks/results/na_<gpu>.json and .png (the plot needs matplotlib).
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 import warnings
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.kernels import backend, na2d
-from zoo.kernels.neighborhood import axis_window
+from zoo.kernels.neighborhood import axis_window, axis_window_count, axis_window_ids
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -68,8 +69,8 @@ def stage_case(pattern: str, stage: int, n: int) -> dict:
     if pattern == "stripe":  # CSWin's horizontal half (the vertical half is its transpose)
         sw = min(CSWIN_STRIPES[stage], n)
         return dict(kernel_size=(sw, n), stride=(sw, n), rpb=False, heads_factor=0.5)
-    if pattern == "carrier":  # FasterViT: windows plus one carrier token per window
-        return dict(kernel_size=k, stride=k, rpb=False, extra=math.ceil(n / k) ** 2)
+    if pattern == "carrier":  # FasterViT's HAT: windows with bias, plus each window's 2 x 2
+        return dict(kernel_size=k, stride=k, rpb=True, extra=4, per_window=True)  # carriers
     raise ValueError(pattern)
 
 
@@ -88,11 +89,19 @@ def make_inputs(batch, n, heads, head_dim, case, device, dtype):
     extra = {}
     if case.get("rpb"):
         extra["rpb"] = torch.randn(heads, 2 * kh - 1, 2 * kw - 1, device=device) * 0.1
-    if case.get("extra"):
-        ek, ev = (torch.randn(batch, case["extra"], heads, head_dim, device=device, dtype=dtype)
-                  for _ in range(2))
+    if case.get("extra"):  # global (B, N, heads, D) or per window (B, nh, nw, N, heads, D)
+        windows = ()
+        if case.get("per_window"):
+            windows = (axis_window_count(n, kh, kh), axis_window_count(n, kw, kw))
+        ek, ev = (torch.randn(batch, *windows, case["extra"], heads, head_dim, device=device,
+                              dtype=dtype) for _ in range(2))
         extra.update(additional_keys=ek, additional_values=ev)
     return [q, k, v], extra
+
+
+def flat_extra(t):
+    """Extra tokens as one key sequence (B, N_total, heads, D): per-window ones window by window."""
+    return t.flatten(1, 3) if t.dim() == 6 else t
 
 
 def na_kwargs(case):
@@ -113,7 +122,9 @@ def method_na(name):
 
 def flex_mask_and_bias(height, width, case, device):
     """mask_mod and score_mod reproducing na2d on a flattened (H*W [+ extra]) key sequence,
-    built from the reference's own per-axis tables (which slot of which query holds which key)."""
+    built from the reference's own per-axis tables (which slot of which query holds which key);
+    per-window extra tokens (``case["per_window"]``, ``case["extra"]`` per window) are seen by the
+    queries of their window only."""
     kernel, stride, dilation = (pair(case.get(k, d)) for k, d in
                                 (("kernel_size", 1), ("stride", 1), ("dilation", 1)))
     offset = pair(case.get("window_offset"))
@@ -129,11 +140,20 @@ def flex_mask_and_bias(height, width, case, device):
         b[rows[t.valid], t.key_index[t.valid]] = t.bias_index[t.valid]
         allowed.append(a), bias_idx.append(b)
     hw = height * width
+    if case.get("per_window"):
+        (ids_h, _), (ids_w, windows_w) = (
+            axis_window_ids(length, kk, s, d, o, device) for length, kk, s, d, o in
+            zip((height, width), kernel, stride, dilation, offset))
+        per_window = case["extra"]
 
     def mask_mod(b, h, q_idx, kv_idx):
         kv = torch.clamp(kv_idx, max=hw - 1)
         inside = allowed[0][q_idx // width, kv // width] & allowed[1][q_idx % width, kv % width]
-        return (kv_idx >= hw) | inside
+        extra = kv_idx >= hw  # (kv is clamped to the last map token there: inside means nothing)
+        if case.get("per_window"):
+            own = ids_h[q_idx // width] * windows_w + ids_w[q_idx % width]
+            extra = extra & ((kv_idx - hw) // per_window == own)
+        return extra | (inside & ~(kv_idx >= hw))
 
     def score_mod_for(rpb):
         def score_mod(score, b, h, q_idx, kv_idx):
@@ -152,7 +172,7 @@ def method_flex(compiled):
 
     def build(qkv, extra, case):
         b, height, width, heads, dim = qkv[0].shape
-        n_extra = extra["additional_keys"].shape[1] if "additional_keys" in extra else 0
+        n_extra = flat_extra(extra["additional_keys"]).shape[1] if "additional_keys" in extra else 0
         device = qkv[0].device
         mask_mod, score_mod_for = flex_mask_and_bias(height, width, case, device)
         kv_len = height * width + n_extra
@@ -163,8 +183,8 @@ def method_flex(compiled):
             flat = lambda t: t.reshape(b, -1, heads, dim).transpose(1, 2)
             q_, k_, v_ = flat(q), flat(k), flat(v)
             if additional_keys is not None:
-                k_ = torch.cat([k_, additional_keys.transpose(1, 2)], dim=2)
-                v_ = torch.cat([v_, additional_values.transpose(1, 2)], dim=2)
+                k_ = torch.cat([k_, flat_extra(additional_keys).transpose(1, 2)], dim=2)
+                v_ = torch.cat([v_, flat_extra(additional_values).transpose(1, 2)], dim=2)
             out = attend(q_, k_, v_, score_mod=None if rpb is None else score_mod_for(rpb),
                          block_mask=block_mask)
             return out.transpose(1, 2).reshape(b, height, width, heads, dim)
@@ -180,6 +200,8 @@ def method_natten(compiled):
             return None  # partition offsets are not NATTEN windows
         if min(pair(case["kernel_size"])) < 2:
             return None  # NATTEN wants kernels of at least 2
+        if case.get("per_window"):
+            return None  # NATTEN's extra tokens are global
         kw = na_kwargs(case)
         kw.pop("window_offset", None)
 
@@ -198,8 +220,8 @@ def build_sdpa_dense(qkv, extra, case):
         flat = lambda t: t.reshape(b, -1, heads, dim).transpose(1, 2)
         k_, v_ = flat(k), flat(v)
         if additional_keys is not None:
-            k_ = torch.cat([k_, additional_keys.transpose(1, 2)], dim=2)
-            v_ = torch.cat([v_, additional_values.transpose(1, 2)], dim=2)
+            k_ = torch.cat([k_, flat_extra(additional_keys).transpose(1, 2)], dim=2)
+            v_ = torch.cat([v_, flat_extra(additional_values).transpose(1, 2)], dim=2)
         out = F.scaled_dot_product_attention(flat(q), k_, v_)
         return out.transpose(1, 2).reshape(b, height, width, heads, dim)
     return run
@@ -212,11 +234,12 @@ def build_sdpa_windows(qkv, extra, case):
     mask, a padded one attends to the padding where na2d shifts the last window inward."""
     kernel, stride, dilation = (pair(case.get(k, d)) for k, d in
                                 (("kernel_size", 1), ("stride", 1), ("dilation", 1)))
-    if kernel != stride or "additional_keys" in extra:
+    per_window = case.get("per_window")
+    if kernel != stride or ("additional_keys" in extra and not per_window):
         return None
-    (kh, kw), (dh, dw) = kernel, dilation
+    (kh, kw), (dh, dw) = kernel, dilation  # per-window tokens come with dilation 1
 
-    def run(q, k, v, rpb=None):
+    def run(q, k, v, rpb=None, additional_keys=None, additional_values=None):
         b, height, width, heads, dim = q.shape
         ph, pw = -height % (kh * dh), -width % (kw * dw)
 
@@ -228,7 +251,11 @@ def build_sdpa_windows(qkv, extra, case):
             t = t.permute(0, 1, 3, 4, 6, 7, 2, 5, 8)
             return t.reshape(-1, heads, kh * kw, dim)
 
-        out = F.scaled_dot_product_attention(fold(q), fold(k), fold(v))
+        k_, v_ = fold(k), fold(v)
+        if additional_keys is not None:  # (B, nh, nw, N, heads, D), windows in fold's order
+            k_, v_ = (torch.cat([t, e.flatten(0, 2).transpose(1, 2)], dim=2) for t, e in
+                      ((k_, additional_keys), (v_, additional_values)))
+        out = F.scaled_dot_product_attention(fold(q), k_, v_)
         gh, gw = (height + ph) // (kh * dh), (width + pw) // (kw * dw)
         out = out.reshape(b, gh, dh, gw, dw, heads, kh, kw, dim)
         out = out.permute(0, 1, 6, 2, 3, 7, 4, 5, 8).reshape(b, height + ph, width + pw, heads,
