@@ -1,6 +1,7 @@
 """Pieces shared by the fused Triton attention kernels (kernels/triton_na.py,
 kernels/triton_routed.py): supported dtypes and head dims, the device test, the launch
-configuration and its test override, the matmul precision, and the ``_dot`` device helper."""
+configuration and its test override, the matmul precision, and the device helpers ``_dot``,
+``_online_softmax`` (a flash-attention forward step) and ``_softmax_grad`` (its backward)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,26 @@ def _dot(a, b, PRECISION: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _online_softmax(m_i, l_i, acc, s, v, PRECISION: tl.constexpr):
+    """One flash-attention step over logits ``s`` (log2 domain, -inf where masked) and values
+    ``v``: running max, running sum and the unnormalised output."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
+def _softmax_grad(s, mask, lse, delta, do, v, PRECISION: tl.constexpr):
+    """Probabilities from the stored log-sum-exp, and the logits' gradient p * (dO.v - delta)."""
+    p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+    ds = p * (_dot(do, tl.trans(v), PRECISION) - delta[:, None])
+    return p, ds
 
 
 def interpreter_active() -> bool:

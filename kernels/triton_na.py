@@ -43,7 +43,8 @@ import triton.language as tl
 
 # Generic pieces shared with the other Triton kernels, re-exported here (the names tests use).
 from .triton_common import (LOG2E, MAX_HEAD_DIM, MIN_HEAD_DIM, SUPPORTED_DTYPES, _config, _dot,
-                            _precision, interpreter_active, launch_config, triton_supports)
+                            _online_softmax, _precision, _softmax_grad, interpreter_active,
+                            launch_config, triton_supports)
 
 __all__ = ["na2d_triton", "triton_supports", "interpreter_active", "launch_config",
            "SUPPORTED_DTYPES"]
@@ -150,26 +151,6 @@ def _load_extra(AK, AV, base, idx, N_EXTRA, s_en, offs_d, d_ok):
     mask = ok[:, None] & d_ok[None, :]
     off = base + idx[:, None] * s_en + offs_d[None, :]
     return tl.load(AK + off, mask=mask, other=0.0), tl.load(AV + off, mask=mask, other=0.0), ok
-
-
-@triton.jit
-def _online_softmax(m_i, l_i, acc, s, v, PRECISION: tl.constexpr):
-    """One flash-attention step over logits ``s`` (log2 domain, -inf where masked) and values
-    ``v``: running max, running sum and the unnormalised output."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_use[:, None])
-    alpha = tl.exp2(m_i - m_use)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
-    return m_new, l_i * alpha + tl.sum(p, 1), acc
-
-
-@triton.jit
-def _softmax_grad(s, mask, lse, delta, do, v, PRECISION: tl.constexpr):
-    """Probabilities from the stored log-sum-exp, and the logits' gradient p * (dO.v - delta)."""
-    p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
-    ds = p * (_dot(do, tl.trans(v), PRECISION) - delta[:, None])
-    return p, ds
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,9 +42,9 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from .triton_common import (LOG2E, SUPPORTED_DTYPES, _config, _dot, _precision,
-                            device_unsupported, head_dim_unsupported, interpreter_active,
-                            launch_config)
+from .triton_common import (LOG2E, SUPPORTED_DTYPES, _config, _dot, _online_softmax,
+                            _precision, _softmax_grad, device_unsupported, head_dim_unsupported,
+                            interpreter_active, launch_config)
 
 __all__ = ["routed_attention_triton", "triton_supports", "interpreter_active", "launch_config",
            "reverse_index"]
@@ -113,13 +113,7 @@ def _routed_fwd_kernel(
                     mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
         s = _dot(q, tl.trans(k), PRECISION) * qk_scale
         s = tl.where(k_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax(m_i, l_i, acc, s, v, PRECISION)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o_off = b * sv_b + head * sv_h + qy * sv_y + qx * sv_x
@@ -182,9 +176,7 @@ def _routed_bwd_dq_kernel(
         v = tl.load(V + v_b + ky[:, None] * sv_y + kx[:, None] * sv_x + offs_dv[None, :],
                     mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
         s = _dot(q, tl.trans(k), PRECISION) * qk_scale
-        p = tl.where(k_ok[None, :] & q_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), PRECISION)
-        ds = p * (dp - delta[:, None])
+        p, ds = _softmax_grad(s, k_ok[None, :] & q_ok[:, None], lse, delta, do, v, PRECISION)
         dq += _dot(ds.to(k.dtype), k, PRECISION)
 
     tl.store(DQ + q_off[:, None] + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
@@ -250,10 +242,8 @@ def _routed_bwd_dkdv_kernel(
         lse = tl.load(LSE + row, mask=q_ok, other=0.0)
         delta = tl.load(DELTA + row, mask=q_ok, other=0.0)
         s = _dot(q, tl.trans(k), PRECISION) * qk_scale
-        p = tl.where(q_ok[:, None] & k_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        p, ds = _softmax_grad(s, q_ok[:, None] & k_ok[None, :], lse, delta, do, v, PRECISION)
         dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION)
-        dp = _dot(do, tl.trans(v), PRECISION)
-        ds = p * (dp - delta[:, None])
         dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
 
     tl.store(DK + k_off[:, None] + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
