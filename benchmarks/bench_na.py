@@ -400,6 +400,20 @@ def plot(records, path):
     fig.savefig(path, dpi=110)
 
 
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The options both benchmarks take; each adds what it sweeps and its methods."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--img", type=int, nargs="+", default=[224, 1024])
+    p.add_argument("--batch", type=int, default=0, help="0: 8 at 224 px, 1 at 1024 px")
+    p.add_argument("--rep", type=int, default=100, help="ms of timing per measurement")
+    p.add_argument("--tiny", action="store_true",
+                   help="small maps, one run each, outputs checked against the reference")
+    p.add_argument("--out", default=None)
+    return p
+
+
 def run_and_write(p, argv, run, prefix: str) -> int:
     """Parse, run, write ``benchmarks/results/<prefix>_<device>.json`` and its plot; with
     ``--tiny``, fail if any method erred or disagreed with the reference."""
@@ -426,18 +440,10 @@ def run_and_write(p, argv, run, prefix: str) -> int:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    p.add_argument("--img", type=int, nargs="+", default=[224, 1024])
+    p = bench_parser(__doc__)
     p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     p.add_argument("--methods", nargs="+", default=["triton", "reference", "flex", "natten",
                                                    "sdpa_dense", "sdpa_windows"])
-    p.add_argument("--batch", type=int, default=0, help="0: 8 at 224 px, 1 at 1024 px")
-    p.add_argument("--rep", type=int, default=100, help="ms of timing per measurement")
-    p.add_argument("--tiny", action="store_true",
-                   help="tiny maps, one run each, outputs checked against the reference")
-    p.add_argument("--out", default=None)
     return run_and_write(p, argv, run, "na")
 
 

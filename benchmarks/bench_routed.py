@@ -21,7 +21,6 @@ Never part of the test run; timings are never assertions.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_na import measure, run_and_write  # noqa: E402  (the shared timing, plot and output code)
+from bench_na import bench_parser, measure, run_and_write  # noqa: E402  (the shared timing, plot and output code)
 
 from zoo.kernels import backend, routed_attention  # noqa: E402
 from zoo.kernels.routed import _to_regions, _from_regions  # noqa: E402
@@ -145,17 +144,9 @@ def run(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    p.add_argument("--img", type=int, nargs="+", default=[224, 1024])
+    p = bench_parser(__doc__)
     p.add_argument("--variants", nargs="+", default=["tiny", "base"], choices=list(VARIANTS))
     p.add_argument("--methods", nargs="+", default=["triton", "reference", "sdpa_gathered"])
-    p.add_argument("--batch", type=int, default=0, help="0: 8 at 224 px, 1 at 1024 px")
-    p.add_argument("--rep", type=int, default=100, help="ms of timing per measurement")
-    p.add_argument("--tiny", action="store_true",
-                   help="small maps, one run each, outputs checked against the reference")
-    p.add_argument("--out", default=None)
     return run_and_write(p, argv, run, "routed")
 
 

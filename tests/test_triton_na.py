@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from triton_harness import (compile_for_sm90, gpu, needs_interpreter, not_interpreted,
-                            run_interpreter_suite)
+                            peak_memory, run_interpreter_suite)
 from zoo.kernels import BACKENDS, backend, na2d, na2d_reference, selected_backend
 from zoo.kernels.neighborhood import axis_window_count
 
@@ -247,18 +247,9 @@ def test_gpu_auto_dispatch_compile_and_memory():
     rpb = torch.randn(2, 13, 13, device="cuda", requires_grad=True)
     fn = torch.compile(lambda q, k, v, r: na2d(q, k, v, 7, rpb=r), fullgraph=True)
 
-    def peak(run):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        out = run()
-        out.sum().backward()
-        torch.cuda.synchronize()
-        return out, torch.cuda.max_memory_allocated() - base
-
-    out, triton_peak = peak(lambda: fn(q, k, v, rpb))  # auto: CUDA -> triton
+    out, triton_peak = peak_memory(lambda: fn(q, k, v, rpb))  # auto: CUDA -> triton
     with backend("reference"):
-        ref, ref_peak = peak(lambda: na2d(q, k, v, 7, rpb=rpb))
+        ref, ref_peak = peak_memory(lambda: na2d(q, k, v, 7, rpb=rpb))
     # the reference holds tokens x 49 gathered keys, values and probabilities; triton nothing
     assert triton_peak < ref_peak / 4, (triton_peak, ref_peak)
     assert_close(out, ref, TOL[torch.float16], "compiled output")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from triton_harness import (compile_for_sm90, gpu, needs_interpreter, not_interpreted,
-                            run_interpreter_suite)
+                            peak_memory, run_interpreter_suite)
 from zoo.kernels import backend, routed_attention, routed_attention_reference
 
 triton_routed = pytest.importorskip("zoo.kernels.triton_routed")
@@ -236,18 +236,9 @@ def test_gpu_auto_dispatch_compile_and_memory():
                          for _ in range(2)])
     fn = torch.compile(lambda q, k, v, i: routed_attention(q, k, v, i, 8), fullgraph=True)
 
-    def peak(run):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        out = run()
-        out.sum().backward()
-        torch.cuda.synchronize()
-        return out, torch.cuda.max_memory_allocated() - base
-
-    out, triton_peak = peak(lambda: fn(q, k, v, index))  # auto: CUDA -> triton
+    out, triton_peak = peak_memory(lambda: fn(q, k, v, index))  # auto: CUDA -> triton
     with backend("reference"):
-        ref, ref_peak = peak(lambda: routed_attention(q, k, v, index, 8))
+        ref, ref_peak = peak_memory(lambda: routed_attention(q, k, v, index, 8))
     # the reference holds 16x gathered keys and values, and the probabilities; triton nothing
     assert triton_peak < ref_peak / 4, (triton_peak, ref_peak)
     assert_close(out, ref, TOL[torch.float16], "compiled output")

@@ -1,5 +1,5 @@
-"""Shared by the Triton test modules: the CPU interpreter re-run, the GPU mark, and compiling the
-real kernels for an H100 without one.
+"""Shared by the Triton test modules: the CPU interpreter re-run, the GPU mark and peak-memory
+measure, and compiling the real kernels for an H100 without one.
 
 The interpreter is chosen when ``triton.jit`` decorates the kernels, so ``TRITON_INTERPRET=1``
 must be set before zoo.kernels is imported, which other test modules of the same pytest process
@@ -33,6 +33,18 @@ def gpu(test):
     """Mark a test as needing a CUDA device (``-m gpu`` selects them; they skip without one)."""
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(),
                                               reason="needs a CUDA device")(test))
+
+
+def peak_memory(run):
+    """Run ``run()`` and a backward of its output's sum on CUDA; return the output and the peak
+    memory (bytes) allocated on top of what was allocated before."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = run()
+    out.sum().backward()
+    torch.cuda.synchronize()
+    return out, torch.cuda.max_memory_allocated() - base
 
 
 def run_interpreter_suite(test_file: str, min_passed: int, timeout: int = 1200) -> None:
