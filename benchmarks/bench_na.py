@@ -14,11 +14,15 @@ time the forward and forward+backward and record the peak memory of:
                 padded to a multiple of the window, without bias; FasterViT's carrier tokens
                 concatenated to their window's keys, as its authors do)
 
-Usage (GPU):  python benchmarks/bench_na.py [--img 224 1024] [--families nat swin ...]
-Results:      benchmarks/results/na_<gpu>.json and .png (the plot needs matplotlib).
+Usage (GPU):  python benchmarks/bench_na.py [--img 224 1024] [--families nat ...]
+              [--methods triton sdpa_dense ...] [--out PATH]
+Results:      benchmarks/results/na_<gpu>.json (or --out), rewritten after every record, so a run
+              killed at a time limit keeps what it measured (meta.complete is false until the
+              end); the plot (.png beside it, needs matplotlib) is made at the end.
 Check on CPU: python benchmarks/bench_na.py --device cpu --tiny  (tiny maps, one run of each
-              method that runs on the CPU, outputs compared with the reference: this validates
-              the masks, score_mods and window partitions the GPU run times).
+              method that runs on the CPU, outputs compared with the reference: this
+              validates the masks, score_mods and window partitions the GPU run times; with
+              TRITON_INTERPRET=1 the Triton kernel runs too, through the interpreter).
 Never part of the test run; timings are never assertions.
 """
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -283,8 +288,9 @@ def methods(device):
 # Measurement
 
 
-def measure(fn, inputs, extra, device, repeats, forward_only=False):
-    """(forward ms, forward+backward ms, peak MiB of forward+backward)."""
+def measure(fn, inputs, extra, device, repeats, forward_only=False) -> dict:
+    """fwd_ms, fwd_bwd_ms and peak_mib (forward+backward) of ``fn(*inputs, **extra)``; on a CPU
+    one run of each and no memory (None)."""
     leaves = [t.detach().requires_grad_(not forward_only) for t in inputs]
     ex = {k: t.detach().requires_grad_(not forward_only) for k, t in extra.items()}
     grad = torch.randn_like(inputs[0])
@@ -305,23 +311,24 @@ def measure(fn, inputs, extra, device, repeats, forward_only=False):
         t1 = time.perf_counter()
         if not forward_only:
             fwd_bwd()
-        return (t1 - t0) * 1e3, None if forward_only else (time.perf_counter() - t1) * 1e3, None
+        return dict(fwd_ms=(t1 - t0) * 1e3,
+                    fwd_bwd_ms=None if forward_only else (time.perf_counter() - t1) * 1e3,
+                    peak_mib=None)
     from triton.testing import do_bench
     fwd_bwd()  # compile / autotune outside the timing
-    t_fwd = do_bench(fwd, rep=repeats)
-    t_all = do_bench(fwd_bwd, rep=repeats)
+    rec = dict(fwd_ms=do_bench(fwd, rep=repeats), fwd_bwd_ms=do_bench(fwd_bwd, rep=repeats))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     fwd_bwd()
     torch.cuda.synchronize()
-    return t_fwd, t_all, (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    rec["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    return rec
 
 
-def run(args):
+def run(args, add):
     device, dtype = args.device, getattr(torch, args.dtype)
     all_methods = {k: v for k, v in methods(device).items() if k in args.methods}
-    records = []
     for img in args.img:
         batch = args.batch or (8 if img <= 256 else 1)
         for family in args.families:
@@ -359,22 +366,18 @@ def run(args):
                             want = ref if rec["rpb"] or "rpb" not in extra else ref_norpb
                             if name != "sdpa_dense" and getattr(fn, "exact", True):
                                 rec["max_err_vs_reference"] = (out - want).abs().max().item()
-                        rec["fwd_ms"], rec["fwd_bwd_ms"], rec["peak_mib"] = measure(
-                            fn, inputs, ex, device, args.rep,
-                            forward_only=device == "cpu" and name in ("flex", "natten"))
+                        rec.update(measure(fn, inputs, ex, device, args.rep,
+                                           forward_only=device == "cpu"
+                                           and name in ("flex", "natten")))
                     except torch.OutOfMemoryError:
                         rec["error"] = "out of memory"
                         torch.cuda.empty_cache()
                     except Exception as e:  # keep going: one failing baseline is a result too
                         rec["error"] = f"{type(e).__name__}: {e}"[:300]
-                    records.append(rec)
-                    print(json.dumps({k: rec.get(k) for k in (
-                        "img", "family", "stage", "map", "method", "fwd_ms", "fwd_bwd_ms",
-                        "peak_mib", "max_err_vs_reference", "error") if k in rec}), flush=True)
-    return records
+                    add(rec)
 
 
-def plot(records, path):
+def plot(records, path, title=""):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -384,20 +387,27 @@ def plot(records, path):
         return
     ok = [r for r in records if "fwd_bwd_ms" in r and r.get("fwd_bwd_ms")]
     groups = sorted({(r["img"], r["family"]) for r in ok})
+    if not groups:
+        return
+    names = sorted({r["method"] for r in ok})
     fig, axes = plt.subplots(len(groups), 1, figsize=(9, 2.6 * len(groups)), squeeze=False)
     for ax, (img, family) in zip(axes[:, 0], groups):
         rows = [r for r in ok if r["img"] == img and r["family"] == family]
-        names = sorted({r["method"] for r in rows})
         for i, name in enumerate(names):
             pts = sorted((r["stage"], r["fwd_bwd_ms"]) for r in rows if r["method"] == name)
             ax.bar([s + (i - len(names) / 2) * 0.8 / len(names) for s, _ in pts],
                    [t for _, t in pts], width=0.8 / len(names), label=name)
         ax.set_yscale("log")
-        ax.set_title(f"{family} @ {img}px: forward+backward (ms)")
+        ax.set_title(f"{family} @ {img}px: forward+backward (ms){title}")
         ax.set_xticks(range(4), [f"stage {s + 1}" for s in range(4)])
     axes[0, 0].legend(fontsize=7, ncol=len(names))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Options and output, shared with bench_routed.py
 
 
 def bench_parser(doc: str) -> argparse.ArgumentParser:
@@ -410,33 +420,73 @@ def bench_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--rep", type=int, default=100, help="ms of timing per measurement")
     p.add_argument("--tiny", action="store_true",
                    help="small maps, one run each, outputs checked against the reference")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="the JSON file (default: benchmarks/results/)")
     return p
 
 
-def run_and_write(p, argv, run, prefix: str) -> int:
-    """Parse, run, write ``benchmarks/results/<prefix>_<device>.json`` and its plot; with
-    ``--tiny``, fail if any method erred or disagreed with the reference."""
+# what is printed of each record as it comes (where not None)
+SHOWN = ("img", "family", "stage", "map", "region", "topk", "method", "fwd_ms", "fwd_bwd_ms",
+         "peak_mib", "max_err_vs_reference", "error")
+
+
+class Results:
+    """The records of one run as JSON ``{"meta": ..., "records": [...]}`` at ``path``, rewritten
+    (through a temporary file and a rename, so it is always whole) after every record: a run
+    killed at its time limit keeps what it measured. ``meta["complete"]`` is false until
+    ``finish``."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path, self.meta, self.records = path, dict(meta, complete=False), []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.write()
+
+    def add(self, rec: dict):
+        self.records.append(rec)
+        print(json.dumps({k: rec[k] for k in SHOWN if rec.get(k) is not None}), flush=True)
+        self.write()
+
+    def write(self):
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(dict(meta=self.meta, records=self.records), indent=1))
+        os.replace(tmp, self.path)
+
+    def finish(self):
+        self.meta["complete"] = True
+        self.write()
+        print(f"wrote {self.path} ({len(self.records)} records)")
+
+
+def device_tag(device: str) -> str:
+    return torch.cuda.get_device_name().replace(" ", "_") if device == "cuda" else "cpu_tiny"
+
+
+def start(p, argv, prefix: str):
+    """Parse the options; open ``--out`` or ``benchmarks/results/<prefix>_<device>.json``."""
     args = p.parse_args(argv)
-    if args.device == "cpu":
-        if not args.tiny:
-            p.error("CPU runs are for checking the construction: add --tiny")
-        if args.dtype == "float16":
-            args.dtype = "float32"
-    records = run(args)
-    tag = torch.cuda.get_device_name().replace(" ", "_") if args.device == "cuda" else "cpu_tiny"
+    if args.device == "cpu" and not args.tiny:
+        p.error("CPU runs are for checking the construction: add --tiny")
+    if args.device == "cpu" and args.dtype == "float16":
+        args.dtype = "float32"
+    tag = device_tag(args.device)
     out = Path(args.out) if args.out else RESULTS / f"{prefix}_{tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(torch=torch.__version__, device=tag, dtype=args.dtype, argv=sys.argv[1:])
-    out.write_text(json.dumps(dict(meta=meta, records=records), indent=1))
-    plot(records, out.with_suffix(".png"))
-    print(f"wrote {out}")
+    import triton
+    meta = dict(torch=torch.__version__, triton=triton.__version__, device=tag,
+                dtype=args.dtype, argv=sys.argv[1:] if argv is None else list(argv))
+    return args, Results(out, meta)
+
+
+def run_and_write(p, argv, run, prefix: str) -> int:
+    """Parse, ``run(args, results.add)`` (each record written as it comes), then the plot; with
+    ``--tiny``, fail if any method erred or disagreed with the reference."""
+    args, results = start(p, argv, prefix)
+    run(args, results.add)
+    results.finish()
+    plot(results.records, results.path.with_suffix(".png"))
+    records = results.records
     errors = [r for r in records if "error" in r]
     bad = [r for r in records if r.get("max_err_vs_reference", 0) > 1e-3]
-    if args.tiny and (errors or bad):
-        print(f"{len(errors)} errors, {len(bad)} mismatches", file=sys.stderr)
-        return 1
-    return 0
+    print(f"{len(records)} records, {len(errors)} errors, {len(bad)} mismatches", file=sys.stderr)
+    return 1 if args.tiny and (errors or bad) else 0
 
 
 def main(argv=None):

@@ -12,7 +12,9 @@ whole map) at 224 and 1024 px, time the forward and forward+backward and record 
 The routing index is random (distinct regions per query region), the same for every method.
 
 Usage (GPU):  python benchmarks/bench_routed.py [--img 224 1024] [--variants tiny base]
-Results:      benchmarks/results/routed_<gpu>.json and .png (the plot needs matplotlib).
+              [--out PATH]
+Results:      benchmarks/results/routed_<gpu>.json (or --out), rewritten after every record; the
+              plot (.png beside it, needs matplotlib) at the end.
 Check on CPU: python benchmarks/bench_routed.py --device cpu --tiny  (small maps, one run of each
               method that runs on the CPU, outputs compared with the reference; with
               TRITON_INTERPRET=1 set the Triton kernel runs too, through the interpreter).
@@ -21,7 +23,6 @@ Never part of the test run; timings are never assertions.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -30,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_na import bench_parser, measure, run_and_write  # noqa: E402  (the shared timing, plot and output code)
+# the shared timing, memory, plot and incremental output code
+from bench_na import bench_parser, measure, run_and_write  # noqa: E402
 
 from zoo.kernels import backend, routed_attention  # noqa: E402
 from zoo.kernels.routed import _to_regions, _from_regions  # noqa: E402
@@ -105,10 +107,9 @@ def methods(device):
     return out
 
 
-def run(args):
+def run(args, add):
     device, dtype = args.device, getattr(torch, args.dtype)
     all_methods = {k: v for k, v in methods(device).items() if k in args.methods}
-    records = []
     for img in args.img:
         batch = 1 if args.tiny else (args.batch or (8 if img <= 256 else 1))
         for variant in args.variants:
@@ -128,19 +129,13 @@ def run(args):
                                 with backend("reference"):
                                     ref = routed_attention(*inputs, index, case["region"])
                             rec["max_err_vs_reference"] = (out.float() - ref.float()).abs().max().item()
-                        rec["fwd_ms"], rec["fwd_bwd_ms"], rec["peak_mib"] = measure(
-                            fn, inputs, {}, device, args.rep)
+                        rec.update(measure(fn, inputs, {}, device, args.rep))
                     except torch.OutOfMemoryError:
                         rec["error"] = "out of memory"
                         torch.cuda.empty_cache()
                     except Exception as e:  # keep going: one failing baseline is a result too
                         rec["error"] = f"{type(e).__name__}: {e}"[:300]
-                    records.append(rec)
-                    print(json.dumps({k: rec.get(k) for k in (
-                        "img", "family", "stage", "map", "region", "topk", "method", "fwd_ms",
-                        "fwd_bwd_ms", "peak_mib", "max_err_vs_reference", "error") if k in rec}),
-                        flush=True)
-    return records
+                    add(rec)
 
 
 def main(argv=None):
