@@ -12,11 +12,11 @@ whole map) at 224 and 1024 px, time the forward and forward+backward and record 
 The routing index is random (distinct regions per query region), the same for every method.
 
 Usage (GPU):  python benchmarks/bench_routed.py [--img 224 1024] [--variants tiny base]
-              [--out PATH]
+              [--dtype bfloat16] [--out PATH]
 Results:      benchmarks/results/routed_<gpu>.json (or --out), rewritten after every record; the
               plot (.png beside it, needs matplotlib) at the end.
 Check on CPU: python benchmarks/bench_routed.py --device cpu --tiny  (small maps, one run of each
-              method that runs on the CPU, outputs compared with the reference; with
+              method that runs on the CPU, float32, outputs compared with the reference; with
               TRITON_INTERPRET=1 set the Triton kernel runs too, through the interpreter).
 Never part of the test run; timings are never assertions.
 """
