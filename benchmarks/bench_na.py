@@ -14,6 +14,20 @@ time the forward and forward+backward and record the peak memory of:
                 padded to a multiple of the window, without bias; FasterViT's carrier tokens
                 concatenated to their window's keys, as its authors do)
 
+Every record also holds (CUDA; times from triton.testing.do_bench, memory from the caching
+allocator's counters, in MiB):
+  fwd_ms        forward under torch.no_grad
+  fwd_bwd_ms    forward + backward (inputs and bias tables requiring grad)
+  peak_mib      peak allocated during forward + backward, above what was allocated before it
+                (the inputs are not counted)
+  fwd_peak_mib  peak of a training-mode forward (inputs requiring grad, so what the backward
+                needs is kept) counted WITH its inputs: max_memory_allocated during the forward
+                minus memory_allocated before it, plus the bytes of q, k, v and the extra tensors
+                (bias table, extra keys/values)
+  qkvo_mib      bytes of q + k + v + the output (on every device: it is a size)
+The issue's memory target compares the two last ones: fwd_peak_mib within 10% of qkvo_mib at
+128x128 maps.
+
 Usage (GPU):  python benchmarks/bench_na.py [--img 224 1024] [--families nat ...]
               [--methods triton sdpa_dense ...] [--dtype bfloat16] [--out PATH]
 Results:      benchmarks/results/na_<gpu>.json (or --out), rewritten after every record, so a run
@@ -288,16 +302,20 @@ def methods(device):
 # Measurement
 
 
+def mib(*tensors) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2 ** 20
+
+
 def measure(fn, inputs, extra, device, repeats, forward_only=False) -> dict:
-    """fwd_ms, fwd_bwd_ms and peak_mib (forward+backward) of ``fn(*inputs, **extra)``; on a CPU
-    one run of each and no memory (None)."""
+    """fwd_ms, fwd_bwd_ms, peak_mib, fwd_peak_mib and qkvo_mib of ``fn(*inputs, **extra)`` (see
+    the module docstring); on a CPU one run of each and no memory (None)."""
     leaves = [t.detach().requires_grad_(not forward_only) for t in inputs]
     ex = {k: t.detach().requires_grad_(not forward_only) for k, t in extra.items()}
     grad = torch.randn_like(inputs[0])
 
     def fwd():
         with torch.no_grad():
-            fn(*leaves, **ex)
+            return fn(*leaves, **ex)
 
     def fwd_bwd():
         out = fn(*leaves, **ex)
@@ -307,16 +325,27 @@ def measure(fn, inputs, extra, device, repeats, forward_only=False) -> dict:
 
     if device != "cuda":  # one run each, for the --tiny check (flex has no CPU backward)
         t0 = time.perf_counter()
-        fwd()
+        out = fwd()
         t1 = time.perf_counter()
         if not forward_only:
             fwd_bwd()
         return dict(fwd_ms=(t1 - t0) * 1e3,
                     fwd_bwd_ms=None if forward_only else (time.perf_counter() - t1) * 1e3,
-                    peak_mib=None)
+                    peak_mib=None, fwd_peak_mib=None, qkvo_mib=mib(*inputs[:3], out))
     from triton.testing import do_bench
     fwd_bwd()  # compile / autotune outside the timing
     rec = dict(fwd_ms=do_bench(fwd, rep=repeats), fwd_bwd_ms=do_bench(fwd_bwd, rep=repeats))
+    # a training-mode forward (what the backward needs is kept), counted with its inputs
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn(*leaves, **ex)
+    torch.cuda.synchronize()
+    rec["fwd_peak_mib"] = ((torch.cuda.max_memory_allocated() - base) / 2 ** 20
+                           + mib(*leaves, *ex.values()))
+    rec["qkvo_mib"] = mib(*leaves[:3], out)
+    del out
+    # forward + backward above what was there before (inputs not counted)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -429,7 +458,7 @@ def bench_parser(doc: str) -> argparse.ArgumentParser:
 TOLERANCE = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}
 # what is printed of each record as it comes (where not None)
 SHOWN = ("img", "family", "stage", "map", "region", "topk", "method", "fwd_ms", "fwd_bwd_ms",
-         "peak_mib", "max_err_vs_reference", "error")
+         "peak_mib", "fwd_peak_mib", "qkvo_mib", "max_err_vs_reference", "error")
 
 
 class Results:

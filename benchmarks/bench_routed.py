@@ -11,6 +11,9 @@ whole map) at 224 and 1024 px, time the forward and forward+backward and record 
                   part of the cost the fused kernel avoids)
 The routing index is random (distinct regions per query region), the same for every method.
 
+Each record holds fwd_ms, fwd_bwd_ms, peak_mib, fwd_peak_mib and qkvo_mib as bench_na.py
+defines them (its module docstring).
+
 Usage (GPU):  python benchmarks/bench_routed.py [--img 224 1024] [--variants tiny base]
               [--dtype bfloat16] [--out PATH]
 Results:      benchmarks/results/routed_<gpu>.json (or --out), rewritten after every record; the
