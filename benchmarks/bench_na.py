@@ -28,7 +28,7 @@ allocator's counters, in MiB):
 The issue's memory target compares the two last ones: fwd_peak_mib within 10% of qkvo_mib at
 128x128 maps.
 
-Usage (GPU):  python benchmarks/bench_na.py [--img 224 1024] [--families nat ...]
+Usage (GPU):  python benchmarks/bench_na.py [--img 224 1024] [--maps 56 128] [--families nat ...]
               [--methods triton sdpa_dense ...] [--dtype bfloat16] [--out PATH]
 Results:      benchmarks/results/na_<gpu>.json (or --out), rewritten after every record, so a run
               killed at a time limit keeps what it measured (meta.complete is false until the
@@ -287,8 +287,25 @@ def build_sdpa_windows(qkv, extra, case):
     return run
 
 
+def allow_recompiles():
+    """torch.compile'd flex_attention (ours and NATTEN's) recompiles for every shape
+    (dynamic=False), and dynamo falls back to eager after ``recompile_limit`` (8) compiles of one
+    function: eager flex_attention materialises the whole score matrix, and that would be timed
+    as "flex" from the ninth shape on. Lift the limit."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "accumulated_recompile_limit"):
+        try:
+            setattr(cfg, name, max(getattr(cfg, name), 4096))
+        except AttributeError:  # older torch: cache_size_limit
+            pass
+
+
 def methods(device):
     cuda = device == "cuda"
+    if cuda:
+        allow_recompiles()
     out = {"reference": method_na("reference"), "flex": method_flex(compiled=cuda),
            "natten": method_natten(compiled=cuda), "sdpa_dense": build_sdpa_dense,
            "sdpa_windows": build_sdpa_windows}
@@ -355,6 +372,12 @@ def measure(fn, inputs, extra, device, repeats, forward_only=False) -> dict:
     return rec
 
 
+def nominal_map(img: int, stage: int) -> int:
+    """The side of a stage's feature map at full size (``--maps`` selects by it, also in
+    --tiny runs, whose maps are shrunk)."""
+    return img // 2 ** (stage + 2)
+
+
 def run(args, add):
     device, dtype = args.device, getattr(torch, args.dtype)
     all_methods = {k: v for k, v in methods(device).items() if k in args.methods}
@@ -363,7 +386,9 @@ def run(args, add):
         for family in args.families:
             spec = FAMILIES[family]
             for stage, heads in enumerate(spec["heads"]):
-                n = img // 2 ** (stage + 2)
+                n = nominal_map(img, stage)
+                if args.maps and n not in args.maps:
+                    continue
                 case = stage_case(spec["pattern"], stage, n)
                 heads = max(1, int(heads * case.pop("heads_factor", 1)))
                 dim = spec["head_dim"]
@@ -446,6 +471,8 @@ def bench_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default: bfloat16 (the targets' dtype); float32 for --device cpu")
     p.add_argument("--img", type=int, nargs="+", default=[224, 1024])
+    p.add_argument("--maps", type=int, nargs="+", default=None,
+                   help="only the stages whose map (img / 2**(stage+2)) is one of these")
     p.add_argument("--batch", type=int, default=0, help="0: 8 at 224 px, 1 at 1024 px")
     p.add_argument("--rep", type=int, default=100, help="ms of timing per measurement")
     p.add_argument("--tiny", action="store_true",

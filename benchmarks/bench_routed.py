@@ -14,8 +14,8 @@ The routing index is random (distinct regions per query region), the same for ev
 Each record holds fwd_ms, fwd_bwd_ms, peak_mib, fwd_peak_mib and qkvo_mib as bench_na.py
 defines them (its module docstring).
 
-Usage (GPU):  python benchmarks/bench_routed.py [--img 224 1024] [--variants tiny base]
-              [--dtype bfloat16] [--out PATH]
+Usage (GPU):  python benchmarks/bench_routed.py [--img 224 1024] [--maps 56 128] [--variants tiny
+              base] [--dtype bfloat16] [--out PATH]
 Results:      benchmarks/results/routed_<gpu>.json (or --out), rewritten after every record; the
               plot (.png beside it, needs matplotlib) at the end.
 Check on CPU: python benchmarks/bench_routed.py --device cpu --tiny  (small maps, one run of each
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the shared timing, memory, plot and incremental output code
-from bench_na import bench_parser, measure, run_and_write  # noqa: E402
+from bench_na import bench_parser, measure, nominal_map, run_and_write  # noqa: E402
 
 from zoo.kernels import backend, routed_attention  # noqa: E402
 from zoo.kernels.routed import _to_regions, _from_regions  # noqa: E402
@@ -117,6 +117,8 @@ def run(args, add):
         batch = 1 if args.tiny else (args.batch or (8 if img <= 256 else 1))
         for variant in args.variants:
             for stage in range(4):
+                if args.maps and nominal_map(img, stage) not in args.maps:
+                    continue
                 case = stage_case(variant, stage, img, args.tiny)
                 inputs, index = make_inputs(batch, case, device, dtype)
                 ref = None
