@@ -26,13 +26,14 @@ allocator's counters, in MiB):
                 (bias table, extra keys/values)
   qkvo_mib      bytes of q + k + v + the output (on every device: it is a size)
 The issue's memory target compares the two last ones: fwd_peak_mib within 10% of qkvo_mib at
-128x128 maps.
+128x128 maps (benchmarks/targets.py checks it).
 
 Usage (GPU):  python benchmarks/bench_na.py [--img 224 1024] [--maps 56 128] [--families nat ...]
               [--methods triton sdpa_dense ...] [--dtype bfloat16] [--out PATH]
 Results:      benchmarks/results/na_<gpu>.json (or --out), rewritten after every record, so a run
               killed at a time limit keeps what it measured (meta.complete is false until the
               end); the plot (.png beside it, needs matplotlib) is made at the end.
+              benchmarks/targets.py reads one or more of these files and checks the targets.
 Check on CPU: python benchmarks/bench_na.py --device cpu --tiny  (tiny maps, one run of each
               method that runs on the CPU, float32, outputs compared with the reference: this
               validates the masks, score_mods and window partitions the GPU run times; with
@@ -373,8 +374,8 @@ def measure(fn, inputs, extra, device, repeats, forward_only=False) -> dict:
 
 
 def nominal_map(img: int, stage: int) -> int:
-    """The side of a stage's feature map at full size (``--maps`` selects by it, also in
-    --tiny runs, whose maps are shrunk)."""
+    """The side of a stage's feature map at full size (``--maps`` and targets.py select by it,
+    also in --tiny runs, whose maps are shrunk)."""
     return img // 2 ** (stage + 2)
 
 
@@ -444,17 +445,22 @@ def plot(records, path, title=""):
     if not groups:
         return
     names = sorted({r["method"] for r in ok})
+    color = {name: f"C{i}" for i, name in enumerate(names)}  # one colour per method throughout
+    width = 0.8 / len(names)
     fig, axes = plt.subplots(len(groups), 1, figsize=(9, 2.6 * len(groups)), squeeze=False)
     for ax, (img, family) in zip(axes[:, 0], groups):
         rows = [r for r in ok if r["img"] == img and r["family"] == family]
         for i, name in enumerate(names):
             pts = sorted((r["stage"], r["fwd_bwd_ms"]) for r in rows if r["method"] == name)
-            ax.bar([s + (i - len(names) / 2) * 0.8 / len(names) for s, _ in pts],
-                   [t for _, t in pts], width=0.8 / len(names), label=name)
+            if pts:
+                ax.bar([s + (i - (len(names) - 1) / 2) * width for s, _ in pts],
+                       [t for _, t in pts], width=width, color=color[name])
         ax.set_yscale("log")
+        ax.set_ylim(bottom=min(r["fwd_bwd_ms"] for r in rows) / 2)  # the smallest bar shows
         ax.set_title(f"{family} @ {img}px: forward+backward (ms){title}")
         ax.set_xticks(range(4), [f"stage {s + 1}" for s in range(4)])
-    axes[0, 0].legend(fontsize=7, ncol=len(names))
+    from matplotlib.patches import Patch
+    axes[0, 0].legend([Patch(color=color[n]) for n in names], names, fontsize=7, ncol=len(names))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -17,7 +17,8 @@ defines them (its module docstring).
 Usage (GPU):  python benchmarks/bench_routed.py [--img 224 1024] [--maps 56 128] [--variants tiny
               base] [--dtype bfloat16] [--out PATH]
 Results:      benchmarks/results/routed_<gpu>.json (or --out), rewritten after every record; the
-              plot (.png beside it, needs matplotlib) at the end.
+              plot (.png beside it, needs matplotlib) at the end. benchmarks/targets.py checks the
+              targets on it.
 Check on CPU: python benchmarks/bench_routed.py --device cpu --tiny  (small maps, one run of each
               method that runs on the CPU, float32, outputs compared with the reference; with
               TRITON_INTERPRET=1 set the Triton kernel runs too, through the interpreter).
