@@ -467,19 +467,21 @@ def plot(records, path, title=""):
 
 
 # ---------------------------------------------------------------------------------------------
-# Options and output, shared with bench_routed.py
+# Options and output, shared by bench_routed.py and tune_triton.py
 
 
-def bench_parser(doc: str) -> argparse.ArgumentParser:
-    """The options both benchmarks take; each adds what it sweeps and its methods."""
+def bench_parser(doc: str, shapes: bool = True) -> argparse.ArgumentParser:
+    """The options the benchmarks take; ``shapes``: the image sizes, stage maps and batch the
+    stage sweeps of bench_na/bench_routed walk. Each adds what it sweeps and its methods."""
     p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default: bfloat16 (the targets' dtype); float32 for --device cpu")
-    p.add_argument("--img", type=int, nargs="+", default=[224, 1024])
-    p.add_argument("--maps", type=int, nargs="+", default=None,
-                   help="only the stages whose map (img / 2**(stage+2)) is one of these")
-    p.add_argument("--batch", type=int, default=0, help="0: 8 at 224 px, 1 at 1024 px")
+    if shapes:
+        p.add_argument("--img", type=int, nargs="+", default=[224, 1024])
+        p.add_argument("--maps", type=int, nargs="+", default=None,
+                       help="only the stages whose map (img / 2**(stage+2)) is one of these")
+        p.add_argument("--batch", type=int, default=0, help="0: 8 at 224 px, 1 at 1024 px")
     p.add_argument("--rep", type=int, default=100, help="ms of timing per measurement")
     p.add_argument("--tiny", action="store_true",
                    help="small maps, one run each, outputs checked against the reference")
@@ -490,8 +492,9 @@ def bench_parser(doc: str) -> argparse.ArgumentParser:
 # max |output - reference| above which a --tiny record is a mismatch, per dtype
 TOLERANCE = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}
 # what is printed of each record as it comes (where not None)
-SHOWN = ("img", "family", "stage", "map", "region", "topk", "method", "fwd_ms", "fwd_bwd_ms",
-         "peak_mib", "fwd_peak_mib", "qkvo_mib", "max_err_vs_reference", "error")
+SHOWN = ("img", "family", "stage", "map", "region", "topk", "case_name", "config", "method",
+         "fwd_ms", "fwd_bwd_ms", "peak_mib", "fwd_peak_mib", "qkvo_mib", "max_err_vs_reference",
+         "error")
 
 
 class Results:
