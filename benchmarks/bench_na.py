@@ -537,9 +537,13 @@ def start(p, argv, prefix: str):
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
     tag = device_tag(args.device)
     out = Path(args.out) if args.out else RESULTS / f"{prefix}_{tag}.json"
-    import triton
-    meta = dict(torch=torch.__version__, triton=triton.__version__, device=tag,
-                dtype=args.dtype, argv=sys.argv[1:] if argv is None else list(argv))
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:  # a CPU check of the baselines alone
+        triton_version = None
+    meta = dict(torch=torch.__version__, triton=triton_version, device=tag, dtype=args.dtype,
+                argv=sys.argv[1:] if argv is None else list(argv))
     return args, Results(out, meta)
 
 
