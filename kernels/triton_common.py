@@ -1,7 +1,9 @@
 """Pieces shared by the fused Triton attention kernels (kernels/triton_na.py,
 kernels/triton_routed.py): supported dtypes and head dims, the device test, the launch
-configuration and its test override, the matmul precision, and the device helpers ``_dot``,
-``_online_softmax`` (a flash-attention forward step) and ``_softmax_grad`` (its backward)."""
+configuration and its test override, the matmul precision, the layout rule of the tensors the
+kernels take and make (``io_layout``), and the device helpers: ``_dot``, ``_online_softmax`` (a
+flash-attention forward step), ``_softmax_grad`` (its backward), row-tile loads and stores, and
+the row offsets of the dense tensors the kernels write."""
 
 from __future__ import annotations
 
@@ -50,6 +52,52 @@ def _softmax_grad(s, mask, lse, delta, do, v, PRECISION: tl.constexpr):
     p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
     ds = p * (_dot(do, tl.trans(v), PRECISION) - delta[:, None])
     return p, ds
+
+
+@triton.jit
+def _load_rows(ptr, rows, ok, offs_d, d_ok):
+    """A [rows, BLOCK_D] tile: row ``r`` starts at ``ptr + rows[r]``, columns ``offs_d`` (unit
+    stride); zeros where a row is not ``ok`` or a column not ``d_ok``."""
+    return tl.load(ptr + rows[:, None] + offs_d[None, :], mask=ok[:, None] & d_ok[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, rows, ok, offs_d, d_ok, value):
+    """``_load_rows`` backwards: store ``value`` cast to the tensor's dtype."""
+    tl.store(ptr + rows[:, None] + offs_d[None, :], value.to(ptr.dtype.element_ty),
+             mask=ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _dense_rows(b, head, y, x, H, W, NUM_HEADS, DIM: tl.constexpr):
+    """Offsets of rows (b, y, x, head) of a contiguous (B, H, W, heads, DIM) tensor: the
+    outputs and gradients the kernels write, and the output gradient they read."""
+    return ((b * H + y) * W + x) * NUM_HEADS * DIM + head * DIM
+
+
+@triton.jit
+def _row_delta(O, DO, rows, ok, offs_d, d_ok):
+    """rowsum(dO * O) in fp32 (flash-attention's ``delta``) and the dO tile."""
+    do = _load_rows(DO, rows, ok, offs_d, d_ok)
+    o = _load_rows(O, rows, ok, offs_d, d_ok)
+    return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), do
+
+
+def io_layout(*tensors: Tensor):
+    """The inputs as the kernels read them: unchanged when they share one set of strides with a
+    unit last stride (q, k and v unbound from one qkv projection are such views), else made
+    contiguous. The kernels take that one set of input strides; what they write is contiguous."""
+    first = tensors[0].stride()
+    if first[-1] == 1 and all(t.stride() == first for t in tensors[1:]):
+        return tensors
+    return tuple(t.contiguous() for t in tensors)
+
+
+def dense_like(t: Tensor) -> Tensor:
+    """What the kernels write for a tensor shaped like ``t``: contiguous, whatever t's strides
+    (the custom ops' fake implementations say the same)."""
+    return t.new_empty(t.shape)
 
 
 def interpreter_active() -> bool:

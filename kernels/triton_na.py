@@ -15,8 +15,9 @@ per-query window test, so border handling, strides and clipped partitions all co
 two formulas as the reference (``_window_start`` below mirrors ``_sliding_window_start`` and
 ``_partition_window_start``).
 
-Backward (flash-attention-2 style): ``delta = rowsum(dO * O)`` in PyTorch, then
-* a dQ kernel over query patches, the same walk as the forward; it also accumulates the bias-table
+Backward (flash-attention-2 style):
+* a dQ kernel over query patches, the same walk as the forward; it first stores each query's
+  ``delta = rowsum(dO * O)`` (fp32) for the kernels after it, and accumulates the bias-table
   gradient with atomics into a few copies of the table (spread over programs to limit contention),
   summed afterwards;
 * a dK/dV kernel over key patches: the queries that can see a key patch form again a rectangle,
@@ -29,6 +30,10 @@ Extra tokens in the forward and dQ walks: the patch visits each window its queri
 for global tokens) and masks the queries of other windows.
 
 Logits are in the log2 domain (``exp2``); the stored log-sum-exp is too.
+
+Layout. q, k and v are read through one set of strides (``triton_common.io_layout``): views
+unbound from one qkv projection go in as they are, with no copy. Everything the kernels write, and
+the output gradient they read, is contiguous.
 """
 
 from __future__ import annotations
@@ -42,9 +47,10 @@ import triton
 import triton.language as tl
 
 # Generic pieces shared with the other Triton kernels, re-exported here (the names tests use).
-from .triton_common import (LOG2E, MAX_HEAD_DIM, MIN_HEAD_DIM, SUPPORTED_DTYPES, _config, _dot,
-                            _online_softmax, _precision, _softmax_grad, interpreter_active,
-                            launch_config, triton_supports)
+from .triton_common import (LOG2E, MAX_HEAD_DIM, MIN_HEAD_DIM, SUPPORTED_DTYPES, _config,
+                            _dense_rows, _dot, _load_rows, _online_softmax, _precision,
+                            _row_delta, _softmax_grad, _store_rows, dense_like, interpreter_active,
+                            io_layout, launch_config, triton_supports)
 
 __all__ = ["na2d_triton", "triton_supports", "interpreter_active", "launch_config",
            "SUPPORTED_DTYPES"]
@@ -148,9 +154,8 @@ def _window_logits(q, k, qi, qj, kr, kc, sh, sw, pair_ok, RPB, head, qk_scale,
 def _load_extra(AK, AV, base, idx, N_EXTRA, s_en, offs_d, d_ok):
     """Extra tokens ``idx`` (< N_EXTRA) of one window: keys, values, and which exist."""
     ok = idx < N_EXTRA
-    mask = ok[:, None] & d_ok[None, :]
-    off = base + idx[:, None] * s_en + offs_d[None, :]
-    return tl.load(AK + off, mask=mask, other=0.0), tl.load(AV + off, mask=mask, other=0.0), ok
+    return (_load_rows(AK + base, idx * s_en, ok, offs_d, d_ok),
+            _load_rows(AV + base, idx * s_en, ok, offs_d, d_ok), ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +165,7 @@ def _load_extra(AK, AV, base, idx, N_EXTRA, s_en, offs_d, d_ok):
 @triton.jit
 def _na_fwd_kernel(
     Q, K, V, RPB, AK, AV, O, LSE,
-    s_b, s_y, s_x, s_h,  # strides of q/k/v/o (contiguous, head_dim stride 1)
+    s_b, s_y, s_x, s_h,  # strides of q, k and v (head_dim stride 1); o is contiguous
     s_eb, s_ey, s_ex, s_en, s_eh,  # strides of the extra tokens (window row/col 0 if global)
     H, W, NUM_HEADS, N_EXTRA, tiles_h, tiles_w, qk_scale,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -184,9 +189,8 @@ def _na_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     base = b * s_b + head * s_h
-    q_off = (qi * DH + gh) * s_y + (qj * DW + gw) * s_x
-    q = tl.load(Q + base + q_off[:, None] + offs_d[None, :],
-                mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+    qy, qx = qi * DH + gh, qj * DW + gw
+    q = _load_rows(Q + base, qy * s_y + qx * s_x, q_ok, offs_d, d_ok)
 
     lo_h, hi_h = _key_span(th, TH, n_h, KH, SH, OH, PART_H)
     lo_w, hi_w = _key_span(tw, TW, n_w, KW, SW, OW, PART_W)
@@ -202,9 +206,8 @@ def _na_fwd_kernel(
         kr = lo_h + idx // rect_w
         kc = lo_w + idx % rect_w
         k_off = (kr * DH + gh) * s_y + (kc * DW + gw) * s_x
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + base + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + base + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_rows(K + base, k_off, k_ok, offs_d, d_ok)
+        v = _load_rows(V + base, k_off, k_ok, offs_d, d_ok)
         s, mask = _window_logits(q, k, qi, qj, kr, kc, sh, sw, q_ok[:, None] & k_ok[None, :],
                                  RPB, head, qk_scale, KH, KW, HAS_RPB, PRECISION)
         m_i, l_i, acc = _online_softmax(m_i, l_i, acc, tl.where(mask, s, float("-inf")), v,
@@ -226,20 +229,18 @@ def _na_fwd_kernel(
                     m_i, l_i, acc = _online_softmax(m_i, l_i, acc, s, v, PRECISION)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    tl.store(O + base + q_off[:, None] + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=q_ok[:, None] & d_ok[None, :])
-    lse_off = bh_id * H * W + (qi * DH + gh) * W + (qj * DW + gw)
-    tl.store(LSE + lse_off, m_i + tl.log2(l_safe), mask=q_ok)
+    _store_rows(O, _dense_rows(b, head, qy, qx, H, W, NUM_HEADS, HEAD_DIM), q_ok, offs_d, d_ok,
+                acc / l_safe[:, None])
+    tl.store(LSE + bh_id * H * W + qy * W + qx, m_i + tl.log2(l_safe), mask=q_ok)
 
 
 # ---------------------------------------------------------------------------------------------
-# Backward: dQ (and the bias-table gradient) over query patches
+# Backward: dQ (and the bias-table gradient, and delta = rowsum(dO * O)) over query patches
 
 
 @triton.jit
 def _na_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, RPB, AK, AV, DQ, DRPB,
+    Q, K, V, O, DO, LSE, DELTA, RPB, AK, AV, DQ, DRPB,
     s_b, s_y, s_x, s_h, s_eb, s_ey, s_ex, s_en, s_eh,
     H, W, NUM_HEADS, N_EXTRA, tiles_h, tiles_w, qk_scale, sm_scale, rpb_copies,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -264,13 +265,13 @@ def _na_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     base = b * s_b + head * s_h
-    q_off = (qi * DH + gh) * s_y + (qj * DW + gw) * s_x
-    qd_mask = q_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + base + q_off[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
-    do = tl.load(DO + base + q_off[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
-    row = bh_id * H * W + (qi * DH + gh) * W + (qj * DW + gw)
+    qy, qx = qi * DH + gh, qj * DW + gw
+    q = _load_rows(Q + base, qy * s_y + qx * s_x, q_ok, offs_d, d_ok)
+    o_rows = _dense_rows(b, head, qy, qx, H, W, NUM_HEADS, HEAD_DIM)
+    delta, do = _row_delta(O, DO, o_rows, q_ok, offs_d, d_ok)
+    row = bh_id * H * W + qy * W + qx
     lse = tl.load(LSE + row, mask=q_ok, other=0.0)
-    delta = tl.load(DELTA + row, mask=q_ok, other=0.0)
+    tl.store(DELTA + row, delta, mask=q_ok)  # for the dK/dV kernels, launched after this one
     drpb_base = DRPB + (pid % rpb_copies) * NUM_HEADS * (2 * KH - 1) * (2 * KW - 1)
 
     lo_h, hi_h = _key_span(th, TH, n_h, KH, SH, OH, PART_H)
@@ -285,9 +286,8 @@ def _na_bwd_dq_kernel(
         kr = lo_h + idx // rect_w
         kc = lo_w + idx % rect_w
         k_off = (kr * DH + gh) * s_y + (kc * DW + gw) * s_x
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + base + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + base + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_rows(K + base, k_off, k_ok, offs_d, d_ok)
+        v = _load_rows(V + base, k_off, k_ok, offs_d, d_ok)
         s, mask = _window_logits(q, k, qi, qj, kr, kc, sh, sw, q_ok[:, None] & k_ok[None, :],
                                  RPB, head, qk_scale, KH, KW, HAS_RPB, PRECISION)
         p, ds = _softmax_grad(s, mask, lse, delta, do, v, PRECISION)
@@ -313,8 +313,7 @@ def _na_bwd_dq_kernel(
                                           PRECISION)
                     dq += _dot(ds.to(k.dtype), k, PRECISION)
 
-    tl.store(DQ + base + q_off[:, None] + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=qd_mask)
+    _store_rows(DQ, o_rows, q_ok, offs_d, d_ok, dq * sm_scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,10 +357,9 @@ def _na_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     base = b * s_b + head * s_h
-    k_off = (kr * DH + gh) * s_y + (kc * DW + gw) * s_x
-    kd_mask = k_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + base + k_off[:, None] + offs_d[None, :], mask=kd_mask, other=0.0)
-    v = tl.load(V + base + k_off[:, None] + offs_d[None, :], mask=kd_mask, other=0.0)
+    ky, kx = kr * DH + gh, kc * DW + gw
+    k = _load_rows(K + base, ky * s_y + kx * s_x, k_ok, offs_d, d_ok)
+    v = _load_rows(V + base, ky * s_y + kx * s_x, k_ok, offs_d, d_ok)
 
     lo_h, hi_h = _query_range(tl.minimum(th * TH, n_h - 1), tl.minimum(th * TH + TH - 1, n_h - 1),
                               n_h, KH, SH, OH, PART_H, CAND_H)
@@ -379,11 +377,11 @@ def _na_bwd_dkdv_kernel(
         qj = lo_w + idx % rect_w
         sh = _window_start(qi, n_h, KH, SH, OH, PART_H)
         sw = _window_start(qj, n_w, KW, SW, OW, PART_W)
-        q_off = (qi * DH + gh) * s_y + (qj * DW + gw) * s_x
-        qd_mask = q_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + base + q_off[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
-        do = tl.load(DO + base + q_off[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
-        row = bh_id * H * W + (qi * DH + gh) * W + (qj * DW + gw)
+        qy, qx = qi * DH + gh, qj * DW + gw
+        q = _load_rows(Q + base, qy * s_y + qx * s_x, q_ok, offs_d, d_ok)
+        do = _load_rows(DO, _dense_rows(b, head, qy, qx, H, W, NUM_HEADS, HEAD_DIM), q_ok,
+                        offs_d, d_ok)
+        row = bh_id * H * W + qy * W + qx
         lse = tl.load(LSE + row, mask=q_ok, other=0.0)
         delta = tl.load(DELTA + row, mask=q_ok, other=0.0)
         s, mask = _window_logits(q, k, qi, qj, kr, kc, sh, sw, q_ok[:, None] & k_ok[None, :],
@@ -392,9 +390,9 @@ def _na_bwd_dkdv_kernel(
         dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION)
         dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
 
-    tl.store(DK + base + k_off[:, None] + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=kd_mask)
-    tl.store(DV + base + k_off[:, None] + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kd_mask)
+    k_rows = _dense_rows(b, head, ky, kx, H, W, NUM_HEADS, HEAD_DIM)
+    _store_rows(DK, k_rows, k_ok, offs_d, d_ok, dk * sm_scale)
+    _store_rows(DV, k_rows, k_ok, offs_d, d_ok, dv)
 
 
 @triton.jit
@@ -436,10 +434,9 @@ def _na_bwd_extra_kernel(
         q_ok = idx < n_queries
         y = lo_h + idx // rect_w
         x = lo_w + idx % rect_w
-        q_off = y * s_y + x * s_x
-        qd_mask = q_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + base + q_off[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
-        do = tl.load(DO + base + q_off[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
+        q = _load_rows(Q + base, y * s_y + x * s_x, q_ok, offs_d, d_ok)
+        do = _load_rows(DO, _dense_rows(b, head, y, x, H, W, NUM_HEADS, HEAD_DIM), q_ok, offs_d,
+                        d_ok)
         lse = tl.load(LSE + bh_id * H * W + y * W + x, mask=q_ok, other=0.0)
         delta = tl.load(DELTA + bh_id * H * W + y * W + x, mask=q_ok, other=0.0)
         s = _dot(q, tl.trans(k), PRECISION) * qk_scale
@@ -447,10 +444,8 @@ def _na_bwd_extra_kernel(
         dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION)
         dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
 
-    e_off = e_base + offs_n[:, None] * s_en + offs_d[None, :]
-    e_mask = e_ok[:, None] & d_ok[None, :]
-    tl.store(DAK + e_off, (dk * sm_scale).to(DAK.dtype.element_ty), mask=e_mask)
-    tl.store(DAV + e_off, dv.to(DAV.dtype.element_ty), mask=e_mask)
+    _store_rows(DAK + e_base, offs_n * s_en, e_ok, offs_d, d_ok, dk * sm_scale)
+    _store_rows(DAV + e_base, offs_n * s_en, e_ok, offs_d, d_ok, dv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,7 +515,7 @@ def _extra_layout(ak: Optional[Tensor], geo: "_Geometry"):
 def _forward(q, k, v, rpb, ak, av, kernel_size, stride, dilation, offset, scale):
     geo = _Geometry(q, kernel_size, stride, dilation, offset)
     B = q.shape[0]
-    out = torch.empty_like(q)
+    out = dense_like(q)
     lse = torch.empty(B, geo.heads, geo.H, geo.W, device=q.device, dtype=torch.float32)
     th, tw, tiles, grid0 = geo.patches(geo.cfg["block_m"])
     e_strides, n_extra, _, e_cx = _extra_layout(ak, geo)
@@ -542,8 +537,8 @@ def _backward(grad_out, q, k, v, out, lse, rpb, ak, av, kernel_size, stride, dil
     geo = _Geometry(q, kernel_size, stride, dilation, offset)
     B = q.shape[0]
     grad_out = grad_out.contiguous()
-    delta = (out.float() * grad_out.float()).sum(-1).permute(0, 3, 1, 2).contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dQ kernel
+    dq, dk, dv = dense_like(q), dense_like(k), dense_like(v)
     e_strides, n_extra, windows, e_cx = _extra_layout(ak, geo)
     dummy = q
     cx = geo.constexprs()
@@ -557,7 +552,7 @@ def _backward(grad_out, q, k, v, out, lse, rpb, ak, av, kernel_size, stride, dil
     copies = max(1, min(32, grid0)) if rpb_grad else 1
     drpb = torch.zeros(copies, geo.heads, table, device=q.device, dtype=torch.float32)
     _na_bwd_dq_kernel[(grid0, B * geo.heads)](
-        q, k, v, grad_out, lse, delta, rpb if rpb is not None else dummy,
+        q, k, v, out, grad_out, lse, delta, rpb if rpb is not None else dummy,
         ak if ak is not None else dummy, av if av is not None else dummy, dq, drpb,
         *strides, *e_strides,
         geo.H, geo.W, geo.heads, n_extra, tiles[0], tiles[1], scale * LOG2E, scale, copies,
@@ -614,7 +609,7 @@ def _na2d_fwd_op(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor],
 def _(q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation,
       window_offset, scale):
     B, H, W, heads, _ = q.shape
-    return torch.empty_like(q), q.new_empty(B, heads, H, W, dtype=torch.float32)
+    return dense_like(q), q.new_empty(B, heads, H, W, dtype=torch.float32)
 
 
 @torch.library.custom_op("zoo::na2d_bwd", mutates_args=(), device_types=("cuda", "cpu"))
@@ -633,12 +628,12 @@ def _na2d_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
 @_na2d_bwd_op.register_fake
 def _(grad_out, q, k, v, out, lse, rpb, additional_keys, additional_values, kernel_size, stride,
       dilation, window_offset, scale, rpb_grad):
-    drpb = torch.empty_like(rpb) if rpb_grad else q.new_empty(0)
+    drpb = dense_like(rpb) if rpb_grad else q.new_empty(0)
     if additional_keys is None:
         dak = dav = q.new_empty(0)
     else:
-        dak, dav = torch.empty_like(additional_keys), torch.empty_like(additional_values)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drpb, dak, dav
+        dak, dav = dense_like(additional_keys), dense_like(additional_values)
+    return dense_like(q), dense_like(k), dense_like(v), drpb, dak, dav
 
 
 def _setup_context(ctx, inputs, output):
@@ -671,8 +666,8 @@ def na2d_triton(query: Tensor, key: Tensor, value: Tensor, kernel_size: Sequence
     """The Triton path of ``zoo.kernels.na2d``; arguments already validated, per-axis pairs."""
     if scale is None:
         scale = query.shape[-1] ** -0.5
-    tensors = [t if t is None else t.contiguous() for t in
-               (query, key, value, rpb, additional_keys, additional_values)]
+    tensors = [*io_layout(query, key, value)] + [t if t is None else t.contiguous() for t in
+                                                  (rpb, additional_keys, additional_values)]
     out, _ = _na2d_fwd_op(*tensors, list(kernel_size), list(stride), list(dilation),
                           [-1 if o is None else o for o in window_offset], float(scale))
     return out

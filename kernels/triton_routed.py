@@ -13,8 +13,9 @@ walked flattened ``BLOCK_N`` at a time (key ``n`` is token ``n % T`` of routed r
 ``n // T``), so small regions still fill whole key tiles. Online softmax (log2 domain, fp32
 statistics); the output and the log-sum-exp of each query are stored.
 
-Backward (flash-attention-2 style, ``delta = rowsum(dO * O)`` in PyTorch):
-* dQ: over query blocks, the same walk as the forward.
+Backward (flash-attention-2 style):
+* dQ: over query blocks, the same walk as the forward; it first stores each query's
+  ``delta = rowsum(dO * O)`` (fp32) for the dK/dV kernel.
 * dK/dV: over blocks of ``BLOCK_N`` keys of one key region, with a **reverse index** rather than
   atomics. The routing is inverted in PyTorch (a stable ``argsort`` of the ``B * R * topk``
   indices plus a ``bincount``: a CSR list, per key region, of the query regions that route to
@@ -28,6 +29,9 @@ Backward (flash-attention-2 style, ``delta = rowsum(dO * O)`` in PyTorch):
   the same salient key regions), which serialises atomics on exactly those addresses. The
   inversion costs one small sort of ``B * R * topk`` integers. The price is load imbalance: a
   key program's loop is as long as its region's in-degree (at most ``R * topk`` listed regions).
+q and k are read through one set of strides, v through its own (``triton_common.io_layout``):
+views unbound from one qkv projection go in with no copy. What the kernels write, and the output
+gradient they read, is contiguous.
 Out-of-range region indices (the reference raises) are masked out on this path: such slots
 contribute no keys, and no memory outside the tensors is read.
 """
@@ -42,9 +46,10 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from .triton_common import (LOG2E, SUPPORTED_DTYPES, _config, _dot, _online_softmax,
-                            _precision, _softmax_grad, device_unsupported, head_dim_unsupported,
-                            interpreter_active, launch_config)
+from .triton_common import (LOG2E, SUPPORTED_DTYPES, _config, _dense_rows, _dot, _load_rows,
+                            _online_softmax, _precision, _row_delta, _softmax_grad, _store_rows,
+                            dense_like, device_unsupported, head_dim_unsupported,
+                            interpreter_active, io_layout, launch_config)
 
 __all__ = ["routed_attention_triton", "triton_supports", "interpreter_active", "launch_config",
            "reverse_index"]
@@ -68,8 +73,8 @@ def _region_token(region, t, GW, RH: tl.constexpr, RW: tl.constexpr):
 @triton.jit
 def _routed_fwd_kernel(
     Q, K, V, IDX, O, LSE,
-    s_b, s_y, s_x, s_h,  # strides of q/k (contiguous, head_dim stride 1)
-    sv_b, sv_y, sv_x, sv_h,  # strides of v/o
+    s_b, s_y, s_x, s_h,  # strides of q and k (head_dim stride 1)
+    sv_b, sv_y, sv_x, sv_h,  # strides of v; o is contiguous
     H, W, NUM_HEADS, R, GW, TOPK, q_blocks, qk_scale,
     RH: tl.constexpr, RW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -90,9 +95,7 @@ def _routed_fwd_kernel(
     dv_ok = offs_dv < V_DIM
     q_ok = offs_m < T
     qy, qx = _region_token(r, tl.minimum(offs_m, T - 1), GW, RH, RW)
-    q_off = b * s_b + head * s_h + qy * s_y + qx * s_x
-    q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :],
-                other=0.0)
+    q = _load_rows(Q, b * s_b + head * s_h + qy * s_y + qx * s_x, q_ok, offs_d, d_ok)
 
     idx_row = IDX + (b * R + r) * TOPK
     kv_b = b * s_b + head * s_h
@@ -107,28 +110,25 @@ def _routed_fwd_kernel(
         region = tl.load(idx_row + n // T, mask=k_ok, other=0)
         k_ok = k_ok & (region >= 0) & (region < R)
         ky, kx = _region_token(tl.where(k_ok, region, 0), n % T, GW, RH, RW)
-        k = tl.load(K + kv_b + ky[:, None] * s_y + kx[:, None] * s_x + offs_d[None, :],
-                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + v_b + ky[:, None] * sv_y + kx[:, None] * sv_x + offs_dv[None, :],
-                    mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
+        k = _load_rows(K + kv_b, ky * s_y + kx * s_x, k_ok, offs_d, d_ok)
+        v = _load_rows(V + v_b, ky * sv_y + kx * sv_x, k_ok, offs_dv, dv_ok)
         s = _dot(q, tl.trans(k), PRECISION) * qk_scale
         s = tl.where(k_ok[None, :], s, float("-inf"))
         m_i, l_i, acc = _online_softmax(m_i, l_i, acc, s, v, PRECISION)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    o_off = b * sv_b + head * sv_h + qy * sv_y + qx * sv_x
-    tl.store(O + o_off[:, None] + offs_dv[None, :], (acc / l_safe[:, None]).to(O.dtype.element_ty),
-             mask=q_ok[:, None] & dv_ok[None, :])
+    _store_rows(O, _dense_rows(b, head, qy, qx, H, W, NUM_HEADS, V_DIM), q_ok, offs_dv, dv_ok,
+                acc / l_safe[:, None])
     tl.store(LSE + bh_id * H * W + qy * W + qx, m_i + tl.log2(l_safe), mask=q_ok)
 
 
 # ---------------------------------------------------------------------------------------------
-# Backward: dQ over query blocks
+# Backward: dQ (and delta = rowsum(dO * O)) over query blocks
 
 
 @triton.jit
 def _routed_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, IDX, DQ,
+    Q, K, V, O, DO, LSE, DELTA, IDX, DQ,
     s_b, s_y, s_x, s_h, sv_b, sv_y, sv_x, sv_h,
     H, W, NUM_HEADS, R, GW, TOPK, q_blocks, qk_scale, sm_scale,
     RH: tl.constexpr, RW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -150,15 +150,12 @@ def _routed_bwd_dq_kernel(
     dv_ok = offs_dv < V_DIM
     q_ok = offs_m < T
     qy, qx = _region_token(r, tl.minimum(offs_m, T - 1), GW, RH, RW)
-    q_off = b * s_b + head * s_h + qy * s_y + qx * s_x
-    qd_mask = q_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
-    o_off = b * sv_b + head * sv_h + qy * sv_y + qx * sv_x
-    do = tl.load(DO + o_off[:, None] + offs_dv[None, :], mask=q_ok[:, None] & dv_ok[None, :],
-                 other=0.0)
+    q = _load_rows(Q, b * s_b + head * s_h + qy * s_y + qx * s_x, q_ok, offs_d, d_ok)
+    delta, do = _row_delta(O, DO, _dense_rows(b, head, qy, qx, H, W, NUM_HEADS, V_DIM), q_ok,
+                           offs_dv, dv_ok)
     row = bh_id * H * W + qy * W + qx
     lse = tl.load(LSE + row, mask=q_ok, other=0.0)
-    delta = tl.load(DELTA + row, mask=q_ok, other=0.0)
+    tl.store(DELTA + row, delta, mask=q_ok)  # for the dK/dV kernel, launched after this one
 
     idx_row = IDX + (b * R + r) * TOPK
     kv_b = b * s_b + head * s_h
@@ -171,16 +168,14 @@ def _routed_bwd_dq_kernel(
         region = tl.load(idx_row + n // T, mask=k_ok, other=0)
         k_ok = k_ok & (region >= 0) & (region < R)
         ky, kx = _region_token(tl.where(k_ok, region, 0), n % T, GW, RH, RW)
-        k = tl.load(K + kv_b + ky[:, None] * s_y + kx[:, None] * s_x + offs_d[None, :],
-                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + v_b + ky[:, None] * sv_y + kx[:, None] * sv_x + offs_dv[None, :],
-                    mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
+        k = _load_rows(K + kv_b, ky * s_y + kx * s_x, k_ok, offs_d, d_ok)
+        v = _load_rows(V + v_b, ky * sv_y + kx * sv_x, k_ok, offs_dv, dv_ok)
         s = _dot(q, tl.trans(k), PRECISION) * qk_scale
         p, ds = _softmax_grad(s, k_ok[None, :] & q_ok[:, None], lse, delta, do, v, PRECISION)
         dq += _dot(ds.to(k.dtype), k, PRECISION)
 
-    tl.store(DQ + q_off[:, None] + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=qd_mask)
+    _store_rows(DQ, _dense_rows(b, head, qy, qx, H, W, NUM_HEADS, HEAD_DIM), q_ok, offs_d, d_ok,
+                dq * sm_scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,12 +206,8 @@ def _routed_bwd_dkdv_kernel(
     dv_ok = offs_dv < V_DIM
     k_ok = offs_n < T
     ky, kx = _region_token(c, tl.minimum(offs_n, T - 1), GW, RH, RW)
-    k_off = b * s_b + head * s_h + ky * s_y + kx * s_x
-    v_off = b * sv_b + head * sv_h + ky * sv_y + kx * sv_x
-    kd_mask = k_ok[:, None] & d_ok[None, :]
-    vd_mask = k_ok[:, None] & dv_ok[None, :]
-    k = tl.load(K + k_off[:, None] + offs_d[None, :], mask=kd_mask, other=0.0)
-    v = tl.load(V + v_off[:, None] + offs_dv[None, :], mask=vd_mask, other=0.0)
+    k = _load_rows(K, b * s_b + head * s_h + ky * s_y + kx * s_x, k_ok, offs_d, d_ok)
+    v = _load_rows(V, b * sv_b + head * sv_h + ky * sv_y + kx * sv_x, k_ok, offs_dv, dv_ok)
 
     # the query regions routed to key region c: SOURCES[lo:hi] (buckets of R + 1 per batch item,
     # the last one collecting out-of-range indices)
@@ -225,7 +216,6 @@ def _routed_bwd_dkdv_kernel(
     hi = tl.load(OFFSETS + bucket + 1)
     n_queries = (hi - lo) * T
     q_b = b * s_b + head * s_h
-    o_b = b * sv_b + head * sv_h
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
@@ -234,10 +224,9 @@ def _routed_bwd_dkdv_kernel(
         q_ok = m < n_queries
         region = tl.load(SOURCES + lo + m // T, mask=q_ok, other=0)
         qy, qx = _region_token(region, m % T, GW, RH, RW)
-        q = tl.load(Q + q_b + qy[:, None] * s_y + qx[:, None] * s_x + offs_d[None, :],
-                    mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(DO + o_b + qy[:, None] * sv_y + qx[:, None] * sv_x + offs_dv[None, :],
-                     mask=q_ok[:, None] & dv_ok[None, :], other=0.0)
+        q = _load_rows(Q + q_b, qy * s_y + qx * s_x, q_ok, offs_d, d_ok)
+        do = _load_rows(DO, _dense_rows(b, head, qy, qx, H, W, NUM_HEADS, V_DIM), q_ok, offs_dv,
+                        dv_ok)
         row = bh_id * H * W + qy * W + qx
         lse = tl.load(LSE + row, mask=q_ok, other=0.0)
         delta = tl.load(DELTA + row, mask=q_ok, other=0.0)
@@ -246,9 +235,9 @@ def _routed_bwd_dkdv_kernel(
         dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION)
         dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
 
-    tl.store(DK + k_off[:, None] + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=kd_mask)
-    tl.store(DV + v_off[:, None] + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=vd_mask)
+    _store_rows(DK, _dense_rows(b, head, ky, kx, H, W, NUM_HEADS, HEAD_DIM), k_ok, offs_d, d_ok,
+                dk * sm_scale)
+    _store_rows(DV, _dense_rows(b, head, ky, kx, H, W, NUM_HEADS, V_DIM), k_ok, offs_dv, dv_ok, dv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +298,7 @@ class _Launch:
 
 def _forward(q, k, v, region_index, region_size, scale):
     L = _Launch(q, v, region_index, region_size)
-    out = q.new_empty(*q.shape[:4], L.v_dim)
+    out = q.new_empty(*q.shape[:4], L.v_dim)  # contiguous
     lse = torch.empty(L.B, L.heads, L.H, L.W, device=q.device, dtype=torch.float32)
     block_m = L.block_own(L.cfg["block_m"])
     q_blocks = triton.cdiv(L.T, block_m)
@@ -324,14 +313,14 @@ def _forward(q, k, v, region_index, region_size, scale):
 def _backward(grad_out, q, k, v, out, lse, region_index, region_size, scale):
     L = _Launch(q, v, region_index, region_size)
     grad_out = grad_out.contiguous()
-    delta = (out.float() * grad_out.float()).sum(-1).permute(0, 3, 1, 2).contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dQ kernel
+    dq, dk, dv = dense_like(q), dense_like(k), dense_like(v)
     strides = L.strides(q, v)
 
     block_m = L.block_own(L.cfg["block_m"])
     q_blocks = triton.cdiv(L.T, block_m)
     _routed_bwd_dq_kernel[(L.R * q_blocks, L.B * L.heads)](
-        q, k, v, grad_out, lse, delta, region_index, dq, *strides,
+        q, k, v, out, grad_out, lse, delta, region_index, dq, *strides,
         L.H, L.W, L.heads, L.R, L.gw, L.topk, q_blocks, scale * LOG2E, scale,
         BLOCK_M=block_m, BLOCK_N=L.cfg["block_n"], **L.constexprs(),
     )
@@ -373,7 +362,7 @@ def _routed_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 
 @_routed_bwd_op.register_fake
 def _(grad_out, q, k, v, out, lse, region_index, region_size, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return dense_like(q), dense_like(k), dense_like(v)
 
 
 def _setup_context(ctx, inputs, output):
@@ -398,7 +387,8 @@ def routed_attention_triton(query: Tensor, key: Tensor, value: Tensor, region_in
     ``region_size`` a pair."""
     if scale is None:
         scale = query.shape[-1] ** -0.5
-    out, _ = _routed_fwd_op(query.contiguous(), key.contiguous(), value.contiguous(),
-                            region_index.to(torch.int32).contiguous(), list(region_size),
-                            float(scale))
+    query, key = io_layout(query, key)  # q and k share strides, v has its own
+    value, = io_layout(value)
+    out, _ = _routed_fwd_op(query, key, value, region_index.to(torch.int32).contiguous(),
+                            list(region_size), float(scale))
     return out

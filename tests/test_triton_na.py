@@ -43,7 +43,7 @@ def compare(case, device="cpu", tf32=False):
     (batch, height, width, heads, dim), dtype = case.pop("shape"), case.pop("dtype")
     extra, with_rpb, seed = case.pop("extra", 0), case.pop("rpb", True), case.pop("seed", 0)
     per_window = case.pop("per_window", False)
-    launch = case.pop("launch", {})
+    launch, layout = case.pop("launch", {}), case.pop("layout", "dense")
     kh, kw_ = pair(case["kernel_size"])
     gen = torch.Generator().manual_seed(seed)
 
@@ -72,7 +72,7 @@ def compare(case, device="cpu", tf32=False):
         if extra:
             args["additional_keys"], args["additional_values"] = rest
         with backend(name), triton_na.launch_config(**cfg):
-            out = na2d(*tensors[:3], **args)
+            out = na2d(*strided(tensors[:3], layout), **args)
         grads = torch.autograd.grad(out, tensors, grad_out.to(out.dtype))
         return out, grads
 
@@ -84,6 +84,21 @@ def compare(case, device="cpu", tf32=False):
     names = ["query", "key", "value"] + ["rpb"] * with_rpb + ["extra keys", "extra values"][:2 * (extra > 0)]
     for name, got, want in zip(names, grads, ref_grads):
         assert_close(got, want, tol, f"grad of {name}")
+
+
+def strided(qkv, layout):
+    """q, k, v (same values) in the memory layout a model hands over: ``dense``; ``qkv``: views
+    unbound from one (B, H, W, 3, heads, D) projection (the kernels read them in place); ``kv``:
+    k and v unbound from one tensor, q dense (strides differ: copied); ``heads_first``: q viewed
+    from a (B, heads, H, W, D) tensor."""
+    if layout == "qkv":
+        return torch.stack(qkv, 3).unbind(3)
+    if layout == "kv":
+        return (qkv[0], *torch.stack(qkv[1:], 3).unbind(3))
+    if layout == "heads_first":
+        return (qkv[0].permute(0, 3, 1, 2, 4).contiguous().permute(0, 2, 3, 1, 4), *qkv[1:])
+    assert layout == "dense", layout
+    return qkv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,6 +134,12 @@ NAMED = {
     "head_dim_24": dict(kernel_size=3, shape=(1, 7, 8, 1, 24)),
     "head_dim_48_batch_2": dict(kernel_size=(3, 5), shape=(2, 6, 7, 2, 48), extra=2),
     "scale": dict(kernel_size=3, scale=0.3),
+    # q, k, v as models pass them: views of one qkv projection, or mixed layouts
+    "qkv_views_dilated": dict(kernel_size=3, dilation=(2, 1), layout="qkv", extra=3),
+    "qkv_views_per_window": dict(kernel_size=(3, 4), stride=(3, 4), window_offset=(1, 2),
+                                 extra=2, per_window=True, layout="qkv"),
+    "kv_views_shifted": dict(kernel_size=3, stride=3, window_offset=1, layout="kv"),
+    "heads_first_query": dict(kernel_size=(3, 5), layout="heads_first"),
 }
 NAMED_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -159,6 +180,7 @@ def random_case(seed, per_window=False):
         case["window_offset"] = tuple(offset)
     if per_window:
         case.update(extra=rng.choice([1, 3, 4, 17]), per_window=True)
+    case["layout"] = rng.choice(["dense", "dense", "qkv", "kv"])
     return case
 
 
@@ -173,6 +195,21 @@ def test_named_cases(name, dtype):
     block = 16 if dtype == torch.float32 else 32
     compare(dict(case, dtype=dtype, seed=zlib.crc32(name.encode()) % 1000,
                  launch=dict(block_m=block, block_n=16)))
+
+
+@needs_interpreter
+def test_qkv_views_reach_the_kernel_uncopied(monkeypatch):
+    """Views unbound from one qkv tensor share strides: the kernels read them in place."""
+    seen = []
+    forward = triton_na._forward
+    monkeypatch.setattr(triton_na, "_forward", lambda q, k, v, *a: seen.append(
+        (q.data_ptr(), k.stride())) or forward(q, k, v, *a))
+    qkv = torch.randn(1, 6, 7, 3, 2, 16)
+    q, k, v = qkv.unbind(3)
+    with backend("triton"):
+        na2d(q, k, v, 3)
+        na2d(q.contiguous(), k, v, 3)  # mixed strides: all three go in contiguous
+    assert seen == [(q.data_ptr(), k.stride()), (seen[1][0], q.contiguous().stride())]
 
 
 @needs_interpreter

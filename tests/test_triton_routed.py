@@ -22,7 +22,7 @@ from triton_harness import (compile_for_sm90, gpu, needs_interpreter, not_interp
 from zoo.kernels import backend, routed_attention, routed_attention_reference
 
 triton_routed = pytest.importorskip("zoo.kernels.triton_routed")
-from test_triton_na import TOL, assert_close  # noqa: E402  (pytest puts tests/ on sys.path)
+from test_triton_na import TOL, assert_close, strided  # noqa: E402  (tests/ is on sys.path)
 
 
 def random_index(batch, regions, topk, gen, repeats=0):
@@ -58,7 +58,8 @@ def compare(case, device="cpu", tf32=False):
     def run(tensors, name, **cfg):
         tensors = [t.detach().clone().requires_grad_() for t in tensors]
         with backend(name), triton_routed.launch_config(**cfg):
-            out = routed_attention(*tensors, index, region, scale=scale)
+            out = routed_attention(*strided(tensors, case.get("layout", "dense")), index, region,
+                                   scale=scale)
         return out, torch.autograd.grad(out, tensors, grad_out.to(out.dtype))
 
     out, grads = run(inputs, "triton", **case.get("launch", {}))
@@ -91,6 +92,10 @@ NAMED = {
     "batch_2_int32_index": dict(grid=(2, 2), region=(2, 2), topk=2, batch=2,
                                 index_dtype=torch.int32),
     "default_scale": dict(grid=(2, 2), region=(2, 2), topk=3, scale=None),
+    # q, k, v as BiFormer passes them (views of one qkv projection), and mixed layouts
+    "qkv_views": dict(grid=(2, 3), region=(2, 2), topk=3, layout="qkv", batch=2),
+    "kv_views": dict(grid=(2, 2), region=(3, 2), topk=2, layout="kv"),
+    "heads_first_query": dict(grid=(2, 2), region=(2, 2), topk=2, layout="heads_first"),
 }
 
 
@@ -110,13 +115,17 @@ def random_case(seed):
     regions = grid[0] * grid[1]
     topk = rng.choice([1, rng.randint(1, regions), regions])
     batch = rng.choice([1, 1, 2])
-    return dict(batch=batch, grid=grid, region=region, topk=topk,
+    case = dict(batch=batch, grid=grid, region=region, topk=topk,
                 heads=rng.randint(1, 3 - batch),  # batch x heads <= 2: interpreter time
                 dim=16, v_dim=rng.choice([16, 16, 16, 32]),
                 dtype=rng.choices(DTYPES, [2, 1, 1])[0], scale=rng.choice([None, 0.25, 1.0]),
                 repeats=rng.choice([0, 0, 0, 1, 2]) if topk > 1 else 0,
                 index_dtype=rng.choice([torch.int64, torch.int32]), seed=seed,
                 launch=dict(block_m=rng.choice([16, 32, 64]), block_n=rng.choice([16, 32, 64])))
+    # views of one tensor need one shape; a query in another layout takes any value dim
+    layout = rng.choice(["dense", "qkv", "kv", "heads_first"])
+    case["layout"] = layout if case["v_dim"] == case["dim"] or layout == "heads_first" else "dense"
+    return case
 
 
 @needs_interpreter
@@ -144,6 +153,7 @@ def test_random_cases_cover_the_knobs():
     assert any(c["topk"] == 1 for c in cases) and any(
         c["topk"] == c["grid"][0] * c["grid"][1] > 1 for c in cases)
     assert any(c["repeats"] for c in cases) and any(c["v_dim"] != c["dim"] for c in cases)
+    assert any(c["layout"] != "dense" and c["v_dim"] == c["dim"] for c in cases)
 
 
 @needs_interpreter
