@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the shared timing, memory, plot and incremental output code
-from bench_na import bench_parser, measure, nominal_map, run_and_write  # noqa: E402
+from harness import bench_parser, measure, nominal_map, run_and_write  # noqa: E402
 
 from zoo.kernels import backend, routed_attention  # noqa: E402
 from zoo.kernels.routed import _to_regions, _from_regions  # noqa: E402

@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_na import RESULTS, nominal_map, plot  # noqa: E402
+from harness import RESULTS, nominal_map, plot  # noqa: E402
 
 CPU = "cpu_tiny"
 

@@ -3,9 +3,9 @@
 The kernels take block_m, block_n, num_warps and num_stages from kernels/triton_common.py
 ``_config``; ``launch_config(...)`` overrides them. For each case below and each config of the
 grid (the default, what ``_config`` picks, first), time the forward and forward+backward with the
-Triton backend forced (bench_na.measure: fwd_ms, fwd_bwd_ms and the memory fields), record a
+Triton backend forced (harness.measure: fwd_ms, fwd_bwd_ms and the memory fields), record a
 config that fails to compile or to launch with its error, and write the JSON after every record
-(as bench_na does). At the end, per case: the best config for the forward and for the backward
+(harness.Results). At the end, per case: the best config for the forward and for the backward
 (fwd_bwd_ms - fwd_ms) beside the default's figures.
 
 Cases (head dim 32, bias tables where the family has them):
@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_na  # noqa: E402
+import harness  # noqa: E402
 import bench_routed  # noqa: E402
 
 from zoo.kernels import backend, na2d, routed_attention  # noqa: E402
@@ -117,7 +118,7 @@ def run(args, add):
                     got = outputs_and_grads(forced, inputs, extra, grad)
                     rec["max_err_vs_reference"] = max(
                         (g.float() - w.float()).abs().max().item() for g, w in zip(got, want))
-                rec.update(bench_na.measure(forced, inputs, extra, device, args.rep))
+                rec.update(harness.measure(forced, inputs, extra, device, args.rep))
             except torch.OutOfMemoryError:
                 rec["error"] = "out of memory"
                 torch.cuda.empty_cache()
@@ -159,18 +160,18 @@ def summary(records, tolerance):
 
 
 def main(argv=None):
-    p = bench_na.bench_parser(__doc__, shapes=False)
+    p = harness.bench_parser(__doc__, shapes=False)
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--grid", nargs="*", default=[], metavar="KEY=V1,V2",
                    help="replace the grid's values of a key (block_m, block_n, num_warps, "
                         "num_stages)")
-    args, results = bench_na.start(p, argv, "tune")
+    args, results = harness.start(p, argv, "tune")
     run(args, results.add)
     results.finish()
-    print(summary(results.records, bench_na.TOLERANCE[args.dtype]))
+    print(summary(results.records, harness.TOLERANCE[args.dtype]))
     errors = [r for r in results.records if "error" in r]
     bad = [r for r in results.records
-           if r.get("max_err_vs_reference", 0) > bench_na.TOLERANCE[args.dtype]]
+           if r.get("max_err_vs_reference", 0) > harness.TOLERANCE[args.dtype]]
     print(f"{len(results.records)} records, {len(errors)} errors, {len(bad)} mismatches",
           file=sys.stderr)
     return 1 if args.tiny and (errors or bad) else 0
