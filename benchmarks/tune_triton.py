@@ -10,6 +10,7 @@ config that fails to compile or to launch with its error, and write the JSON aft
 
 Cases (head dim 32, bias tables where the family has them):
   na_56      neighborhood attention, kernel 7, 56x56, batch 8, heads 2 (NAT-Mini stage 1, 224 px)
+  na_56_nobias  the same without a bias table (the cost of the bias and its gradient's atomics)
   na_128     the same at 128x128, batch 1, heads 4 (stage 2 at 1024 px)
   swin_56    blocked 7x7 windows (Swin's unshifted blocks), 56x56, batch 8, heads 3
   routed_s3  routed attention at BiFormer-T's stage 3 (bench_routed.stage_case("tiny", 2, 224):
@@ -44,10 +45,10 @@ GRID = dict(block_m=(32, 64, 128), block_n=(32, 64, 128), num_warps=(4, 8), num_
 TINY_GRID = dict(block_m=(16, 32), block_n=(16, 32), num_warps=(4,), num_stages=(1,))
 
 
-def na_case(pattern, n, batch, heads):
+def na_case(pattern, n, batch, heads, rpb=True):
     def make(tiny, device, dtype):
         m, b, h, dim = (14, 1, 2, 16) if tiny else (n, batch, heads, 32)
-        case = bench_na.stage_case(pattern, 0, m)
+        case = dict(bench_na.stage_case(pattern, 0, m), rpb=rpb)
         inputs, extra = bench_na.make_inputs(b, m, h, dim, case, device, dtype)
         kw = bench_na.na_kwargs(case)
         info = dict(map=m, batch=b, heads=h, head_dim=dim, case=case)
@@ -69,6 +70,8 @@ def routed_case(variant, stage, img, batch):
 
 CASES = {
     "na_56": na_case("sliding", 56, 8, 2),
+    # the same without a bias table: what the bias read and its gradient's atomics cost
+    "na_56_nobias": na_case("sliding", 56, 8, 2, rpb=False),
     "na_128": na_case("sliding", 128, 1, 4),
     "swin_56": na_case("blocked", 56, 8, 3),
     "routed_s3": routed_case("tiny", 2, 224, 8),
