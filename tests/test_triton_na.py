@@ -418,6 +418,11 @@ def test_custom_op_opcheck():
     extra = torch.randn(1, 3, 2, 16, requires_grad=True)
     torch.library.opcheck(torch.ops.zoo.na2d_fwd.default,
                           (q, k, v, rpb, extra, extra, [3, 3], [1, 1], [1, 1], [-1, -1], 0.25))
+    # q, k, v viewed from one tensor (read in place): the fake's strides still match the kernel's
+    qkv = torch.stack([q.detach(), k.detach(), v.detach()], 3).requires_grad_()
+    torch.library.opcheck(torch.ops.zoo.na2d_fwd.default,
+                          (*qkv.unbind(3), rpb, extra, extra, [3, 3], [1, 1], [1, 1], [-1, -1],
+                           0.25))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -363,6 +363,10 @@ def test_custom_op_opcheck():
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     torch.library.opcheck(torch.ops.zoo.routed_fwd.default,
                           (q, k, v, index.int(), [2, 2], 0.25))
+    # q, k, v viewed from one tensor (read in place): the fake's strides still match the kernel's
+    qkv = torch.stack([q.detach(), k.detach(), q.detach()], 3).requires_grad_()
+    torch.library.opcheck(torch.ops.zoo.routed_fwd.default,
+                          (*qkv.unbind(3), index.int(), [2, 2], 0.25))
 
 
 # ---------------------------------------------------------------------------------------------
