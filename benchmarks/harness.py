@@ -203,7 +203,11 @@ def run_and_write(p, argv, run, prefix: str) -> int:
     run(args, results.add)
     results.finish()
     plot(results.records, results.path.with_suffix(".png"))
-    records = results.records
+    return exit_status(results.records, args)
+
+
+def exit_status(records, args) -> int:
+    """Count the records that erred or disagreed with the reference; with ``--tiny``, 1 if any."""
     errors = [r for r in records if "error" in r]
     bad = [r for r in records if r.get("max_err_vs_reference", 0) > TOLERANCE[args.dtype]]
     print(f"{len(records)} records, {len(errors)} errors, {len(bad)} mismatches"

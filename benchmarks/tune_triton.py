@@ -172,12 +172,7 @@ def main(argv=None):
     run(args, results.add)
     results.finish()
     print(summary(results.records, harness.TOLERANCE[args.dtype]))
-    errors = [r for r in results.records if "error" in r]
-    bad = [r for r in results.records
-           if r.get("max_err_vs_reference", 0) > harness.TOLERANCE[args.dtype]]
-    print(f"{len(results.records)} records, {len(errors)} errors, {len(bad)} mismatches",
-          file=sys.stderr)
-    return 1 if args.tiny and (errors or bad) else 0
+    return harness.exit_status(results.records, args)
 
 
 if __name__ == "__main__":
