@@ -22,8 +22,10 @@ $(VENV)/.install-test: $(VENV)/.base pyproject.toml
 install: $(VENV)/.install
 install-test: $(VENV)/.install-test
 
+# pytest-xdist: one worker per core (at most 4); idle workers steal queued tests, and the Triton
+# interpreter runs come in shards so that they are shared too (tests/conftest.py).
 test: install-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist worksteal
 
 # The main job on the embedded default data: scikit-learn's handwritten digits as an ImageFolder,
 # a small NAT trained by the demo recipe, then evaluated on the held-out split.

@@ -66,5 +66,6 @@ def test_family_on_triton_matches_reference_gpu(name, monkeypatch):
 
 
 @not_interpreted
-def test_interpreter_suite():
-    run_interpreter_suite(__file__, min_passed=len(FAMILIES))
+@pytest.mark.parametrize("shard", range(3))
+def test_interpreter_suite(shard):
+    run_interpreter_suite(__file__, min_passed=len(FAMILIES), shard=shard, shards=3)

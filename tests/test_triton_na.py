@@ -229,8 +229,9 @@ def test_random_per_window_cases(seed):
 
 
 @not_interpreted
-def test_interpreter_suite():
-    run_interpreter_suite(__file__, min_passed=190)
+@pytest.mark.parametrize("shard", range(4))
+def test_interpreter_suite(shard):
+    run_interpreter_suite(__file__, min_passed=190, shard=shard, shards=4)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -196,8 +196,9 @@ def test_biformer_mixers_through_triton():
 
 
 @not_interpreted
-def test_interpreter_suite():
-    run_interpreter_suite(__file__, min_passed=3 * len(NAMED) + N_RANDOM)
+@pytest.mark.parametrize("shard", range(2))
+def test_interpreter_suite(shard):
+    run_interpreter_suite(__file__, min_passed=3 * len(NAMED) + N_RANDOM, shard=shard, shards=2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@ measure, and compiling the real kernels for an H100 without one.
 The interpreter is chosen when ``triton.jit`` decorates the kernels, so ``TRITON_INTERPRET=1``
 must be set before zoo.kernels is imported, which other test modules of the same pytest process
 have already done. Each Triton test module therefore marks its interpreter tests
-``needs_interpreter`` (they skip in an ordinary process) and launches itself again in a fresh
-``python -m pytest`` with the variable set, through ``run_interpreter_suite``.
+``needs_interpreter`` (they skip in an ordinary process) and launches itself again in fresh
+``python -m pytest`` processes with the variable set, through ``run_interpreter_suite``, one per
+shard of its cases, so that pytest-xdist's workers share the interpreter's work.
 """
 
 import os
@@ -47,10 +48,13 @@ def peak_memory(run):
     return out, torch.cuda.max_memory_allocated() - base
 
 
-def run_interpreter_suite(test_file: str, min_passed: int, timeout: int = 1200) -> None:
-    """Run ``test_file``'s CPU tests under the interpreter; fail with the output's tail unless
-    they pass and at least ``min_passed`` of them ran (so the interpreter cases did run)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
+def run_interpreter_suite(test_file: str, min_passed: int, shard: int = 0, shards: int = 1,
+                          timeout: int = 1200) -> None:
+    """Run shard ``shard`` of ``shards`` of ``test_file``'s CPU tests under the interpreter (every
+    ``shards``-th test that can run there, tests/conftest.py); fail with the output's tail unless
+    they pass and at least ``min_passed // shards`` of them ran, ``min_passed`` being the
+    file's whole count (so the interpreter cases did run)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", ZOO_TEST_SHARD=f"{shard}/{shards}")
     env.pop("ZOO_ATTENTION_BACKEND", None)
     cmd = [sys.executable, "-m", "pytest", test_file, "-q", "-m", "not gpu", "-p",
            "no:cacheprovider", "-x", "--no-header"]
@@ -59,7 +63,7 @@ def run_interpreter_suite(test_file: str, min_passed: int, timeout: int = 1200) 
     tail = (result.stdout + result.stderr)[-6000:]
     assert result.returncode == 0, f"TRITON_INTERPRET=1 run failed:\n{tail}"
     passed = re.search(r"(\d+) passed", tail)
-    assert passed and int(passed.group(1)) >= min_passed, tail
+    assert passed and int(passed.group(1)) >= min_passed // shards, tail
 
 
 def compile_for_sm90(fn, constexprs: dict, pointer: str, pointer_types: dict = None,
