@@ -157,6 +157,13 @@ def _config(q: Tensor, head_dim: Optional[int] = None):
     return {**cfg, **_CONFIG_OVERRIDE}
 
 
+def compiler_options(cfg: dict) -> dict:
+    """A launch configuration's compiler options: warps, pipeline stages, and FMA contraction
+    pinned on, as the kernels were checked with (Triton 3.9 warns that 3.10 turns its default
+    off; a kernel's numerics should not change with the Triton version under it)."""
+    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=True)
+
+
 def _precision(q: Tensor) -> str:
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
         return "upcast"

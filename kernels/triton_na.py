@@ -47,10 +47,10 @@ import triton
 import triton.language as tl
 
 # Generic pieces shared with the other Triton kernels, re-exported here (the names tests use).
-from .triton_common import (LOG2E, MAX_HEAD_DIM, MIN_HEAD_DIM, SUPPORTED_DTYPES, _config,
+from .triton_common import (LOG2E, SUPPORTED_DTYPES, _config,
                             _dense_rows, _dot, _load_rows, _online_softmax, _precision,
-                            _row_delta, _softmax_grad, _store_rows, dense_like, interpreter_active,
-                            io_layout, launch_config, triton_supports)
+                            _row_delta, _softmax_grad, _store_rows, compiler_options, dense_like,
+                            interpreter_active, io_layout, launch_config, triton_supports)
 
 __all__ = ["na2d_triton", "triton_supports", "interpreter_active", "launch_config",
            "SUPPORTED_DTYPES"]
@@ -527,7 +527,7 @@ def _forward(q, k, v, rpb, ak, av, kernel_size, stride, dilation, offset, scale)
         geo.H, geo.W, geo.heads, n_extra, tiles[0], tiles[1], scale * LOG2E,
         **geo.constexprs(), **e_cx, TH=th, TW=tw, BLOCK_N=geo.cfg["block_n"],
         HAS_RPB=rpb is not None, HAS_EXTRA=ak is not None, PRECISION=_precision(q),
-        num_warps=geo.cfg["num_warps"], num_stages=geo.cfg["num_stages"],
+        **compiler_options(geo.cfg),
     )
     return out, lse
 
@@ -542,7 +542,7 @@ def _backward(grad_out, q, k, v, out, lse, rpb, ak, av, kernel_size, stride, dil
     e_strides, n_extra, windows, e_cx = _extra_layout(ak, geo)
     dummy = q
     cx = geo.constexprs()
-    common = dict(num_warps=geo.cfg["num_warps"], num_stages=geo.cfg["num_stages"])
+    common = compiler_options(geo.cfg)
     precision = _precision(q)
     strides = (q.stride(0), q.stride(1), q.stride(2), q.stride(3))
 

@@ -48,7 +48,7 @@ import triton.language as tl
 
 from .triton_common import (LOG2E, SUPPORTED_DTYPES, _config, _dense_rows, _dot, _load_rows,
                             _online_softmax, _precision, _row_delta, _softmax_grad, _store_rows,
-                            dense_like, device_unsupported, head_dim_unsupported,
+                            compiler_options, dense_like, device_unsupported, head_dim_unsupported,
                             interpreter_active, io_layout, launch_config)
 
 __all__ = ["routed_attention_triton", "triton_supports", "interpreter_active", "launch_config",
@@ -292,8 +292,7 @@ class _Launch:
         return dict(RH=self.rh, RW=self.rw, HEAD_DIM=self.head_dim,
                     BLOCK_D=max(16, triton.next_power_of_2(self.head_dim)), V_DIM=self.v_dim,
                     BLOCK_DV=max(16, triton.next_power_of_2(self.v_dim)),
-                    PRECISION=self.precision, num_warps=self.cfg["num_warps"],
-                    num_stages=self.cfg["num_stages"])
+                    PRECISION=self.precision, **compiler_options(self.cfg))
 
 
 def _forward(q, k, v, region_index, region_size, scale):

@@ -77,6 +77,8 @@ def compile_for_sm90(fn, constexprs: dict, pointer: str, pointer_types: dict = N
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from zoo.kernels.triton_common import compiler_options
+
     pointer_types = pointer_types or {}
     signature = {}
     for name in fn.arg_names:
@@ -90,4 +92,5 @@ def compile_for_sm90(fn, constexprs: dict, pointer: str, pointer_types: dict = N
             signature[name] = "fp32" if name.endswith("scale") else "i32"
     return triton.compile(ASTSource(fn, signature, constexprs=constexprs),
                           target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                          options=compiler_options(dict(num_warps=num_warps,
+                                                                 num_stages=num_stages)))
