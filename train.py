@@ -9,7 +9,7 @@
 import argparse
 import sys
 
-from zoo.engine import NonFiniteLossError, train
+from zoo.engine import NonFiniteLossError, format_validation, train
 from zoo.errors import CheckpointError, ConfigError
 from zoo.recipe import load_recipe
 
@@ -32,7 +32,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if summary.get("best_checkpoint"):
-        print(f"best checkpoint: {summary['best_checkpoint']}  (val: {summary['last']})")
+        val = summary["best_val"]
+        print(f"best checkpoint: {summary['best_checkpoint']}" + (f"  ({format_validation(val)})" if val else ""))
     print(f"run directory: {summary['run_dir']}")
     return 0
 

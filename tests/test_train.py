@@ -18,7 +18,7 @@ from PIL import Image
 
 import zoo
 from zoo import snapshot
-from zoo.engine import NonFiniteLossError, evaluate_folder, train
+from zoo.engine import NonFiniteLossError, evaluate_folder, format_validation, train
 from zoo.errors import CheckpointError, ConfigError
 from zoo.recipe import list_recipes, load_recipe, parse_overrides
 
@@ -50,13 +50,16 @@ def folder(tmp_path_factory):
     return root
 
 
-def tiny(folder, **extra):
-    """The demo recipe cut down to a few steps on the tiny folder (24 train images, batch 4)."""
-    sets = {"data.root": str(folder), "train.batch_size": 4, "train.epochs": 2, "train.progress": False,
+def tiny_sets(folder, **extra):
+    """Overrides that cut the demo recipe down to a few steps on the tiny folder (24 train images,
+    batch 4)."""
+    return {"data.root": str(folder), "train.batch_size": 4, "train.epochs": 2, "train.progress": False,
             "schedule.warmup_epochs": 0, "runtime.threads": 1, "runtime.deterministic": True,
-            "train.log_every": 1, "output.plot": False}
-    sets.update(extra)
-    return load_recipe(ROOT / "configs/train/demo.yaml", sets)
+            "train.log_every": 1, "output.plot": False, **extra}
+
+
+def tiny(folder, **extra):
+    return load_recipe(ROOT / "configs/train/demo.yaml", tiny_sets(folder, **extra))
 
 
 def weights(run_dir):
@@ -292,6 +295,19 @@ def test_cli_reports_config_errors(capsys, folder):
     assert mod.main([str(ROOT / "configs/train/demo.yaml"), "--set", "train.epochs=-1"]) == 1
     err = capsys.readouterr().err
     assert "--set: train.epochs: must be positive" in err
+
+
+def test_cli_names_the_best_checkpoint_with_its_own_validation(folder, tmp_path, capsys):
+    """train.py ends by naming the best checkpoint beside the validation it was chosen on (it once
+    printed the last epoch's figures there, beside an earlier epoch's checkpoint)."""
+    mod = _load_script("train")
+    sets = [["--set", f"{k}={v}"] for k, v in tiny_sets(folder, **{"train.epochs": 3}).items()]
+    assert mod.main([str(ROOT / "configs/train/demo.yaml"), "--output", str(tmp_path), *sum(sets, [])]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("best checkpoint: ")]
+    val = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "val"]
+    best = max(val, key=lambda r: r["top1"])  # the first of equals, as the engine keeps
+    path = (tmp_path / "checkpoints" / f"update-{best['update']:08d}").resolve()
+    assert line == [f"best checkpoint: {path}  ({format_validation(best)})"]
 
 
 # ------------------------------------------------------------------------------------------ distributed

@@ -114,6 +114,13 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def format_validation(rec: dict) -> str:
+    """A validation record (``epoch`` counted from 0) as the training log prints it."""
+    ema = f", EMA top-1 {rec['ema_top1']:.2f}%" if "ema_top1" in rec else ""
+    return (f"epoch {rec['epoch'] + 1}: val loss {rec['loss']:.4f}, top-1 {rec['top1']:.2f}%, "
+            f"top-5 {rec['top5']:.2f}%{ema}")
+
+
 def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = None) -> dict:
     """Run a recipe. Returns a summary (final/best metrics, run directory, paths)."""
     from timm.data import Mixup
@@ -405,9 +412,7 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
                     best = {"metric": key, "epoch": epoch}
                     is_best = True
                 if dist.is_main:
-                    ema_txt = f", EMA top-1 {rec['ema_top1']:.2f}%" if ema is not None else ""
-                    print(f"epoch {epoch + 1}: val loss {m['loss']:.4f}, top-1 {m['top1']:.2f}%, "
-                          f"top-5 {m['top5']:.2f}%{ema_txt}", file=sys.stderr)
+                    print(format_validation(rec), file=sys.stderr)
             elif val_loader is None:
                 is_best = True  # without validation the newest is the best we know
             save(epoch + 1, 0, last_val, is_best=is_best)
@@ -418,9 +423,12 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
         if dist.is_main and R.output.plot:
             plot = plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
         zdist.barrier(dist)
+        best_dir = (run_dir / "best").resolve() if (run_dir / "best").exists() else None
         return {"run_dir": str(run_dir), "num_updates": num_updates, "last": last_val, "best": best,
                 "plot": str(plot) if plot else None,
-                "best_checkpoint": str((run_dir / "best").resolve()) if (run_dir / "best").exists() else None}
+                "best_checkpoint": str(best_dir) if best_dir else None,
+                # what was measured when the best checkpoint was saved (empty without validation)
+                "best_val": snapshot.read_meta(best_dir).get("metrics", {}) if best_dir else {}}
     finally:
         zdist.cleanup(dist)
 
