@@ -16,7 +16,8 @@ two formulas as the reference (``_window_start`` below mirrors ``_sliding_window
 ``_partition_window_start``).
 
 Backward (flash-attention-2 style):
-* a dQ kernel over query patches, the same walk as the forward; it first stores each query's
+* dQ over query patches: the forward's kernel (``_na_query_kernel``) in its backward mode, so
+  the walk over keys and extra tokens is written once; it first stores each query's
   ``delta = rowsum(dO * O)`` (fp32) for the kernels after it, and accumulates the bias-table
   gradient with atomics into a few copies of the table (spread over programs to limit contention),
   summed afterwards;
@@ -159,89 +160,15 @@ def _load_extra(AK, AV, base, idx, N_EXTRA, s_en, offs_d, d_ok):
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward
+# Over query patches: the forward, and the backward's dQ (with the bias-table gradient and
+# delta = rowsum(dO * O)). Both walk the same keys, so they are one kernel with two modes.
 
 
 @triton.jit
-def _na_fwd_kernel(
-    Q, K, V, RPB, AK, AV, O, LSE,
-    s_b, s_y, s_x, s_h,  # strides of q, k and v (head_dim stride 1); o is contiguous
+def _na_query_kernel(
+    Q, K, V, RPB, AK, AV, O, LSE, DO, DELTA, DQ, DRPB,
+    s_b, s_y, s_x, s_h,  # strides of q, k and v (head_dim stride 1); o, do and dq are contiguous
     s_eb, s_ey, s_ex, s_en, s_eh,  # strides of the extra tokens (window row/col 0 if global)
-    H, W, NUM_HEADS, N_EXTRA, tiles_h, tiles_w, qk_scale,
-    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    DH: tl.constexpr, DW: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr,
-    PART_H: tl.constexpr, PART_W: tl.constexpr,
-    TH: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, PER_WINDOW: tl.constexpr,
-    FIRST_H: tl.constexpr, FIRST_W: tl.constexpr, PRECISION: tl.constexpr,
-):
-    BLOCK_M: tl.constexpr = TH * TW
-    gh, gw, th, tw, n_h, n_w = _decode_patch(tl.program_id(0), tiles_h, tiles_w, H, W, DH, DW)
-    bh_id = tl.program_id(1)
-    b = bh_id // NUM_HEADS
-    head = bh_id % NUM_HEADS
-    qi, qj, q_ok = _patch_tokens(th, tw, n_h, n_w, TH, TW)
-    sh = _window_start(qi, n_h, KH, SH, OH, PART_H)
-    sw = _window_start(qj, n_w, KW, SW, OW, PART_W)
-
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    base = b * s_b + head * s_h
-    qy, qx = qi * DH + gh, qj * DW + gw
-    q = _load_rows(Q + base, qy * s_y + qx * s_x, q_ok, offs_d, d_ok)
-
-    lo_h, hi_h = _key_span(th, TH, n_h, KH, SH, OH, PART_H)
-    lo_w, hi_w = _key_span(tw, TW, n_w, KW, SW, OW, PART_W)
-    rect_w = tl.maximum(hi_w - lo_w, 1)
-    n_keys = (hi_h - lo_h) * rect_w
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, n_keys, BLOCK_N):
-        idx = start + offs_n
-        k_ok = idx < n_keys
-        kr = lo_h + idx // rect_w
-        kc = lo_w + idx % rect_w
-        k_off = (kr * DH + gh) * s_y + (kc * DW + gw) * s_x
-        k = _load_rows(K + base, k_off, k_ok, offs_d, d_ok)
-        v = _load_rows(V + base, k_off, k_ok, offs_d, d_ok)
-        s, mask = _window_logits(q, k, qi, qj, kr, kc, sh, sw, q_ok[:, None] & k_ok[None, :],
-                                 RPB, head, qk_scale, KH, KW, HAS_RPB, PRECISION)
-        m_i, l_i, acc = _online_softmax(m_i, l_i, acc, tl.where(mask, s, float("-inf")), v,
-                                        PRECISION)
-
-    if HAS_EXTRA:
-        # The windows the patch meets (one "window" of global tokens), each seen by its queries.
-        own_y = _window_id(qi, KH, OH, FIRST_H, PER_WINDOW)
-        own_x = _window_id(qj, KW, OW, FIRST_W, PER_WINDOW)
-        for wy in range(tl.min(own_y, 0), tl.max(own_y, 0) + 1):
-            for wx in range(tl.min(own_x, 0), tl.max(own_x, 0) + 1):
-                sees = q_ok & (own_y == wy) & (own_x == wx)
-                e_base = b * s_eb + wy * s_ey + wx * s_ex + head * s_eh
-                for start in range(0, N_EXTRA, BLOCK_N):
-                    k, v, e_ok = _load_extra(AK, AV, e_base, start + offs_n, N_EXTRA, s_en,
-                                             offs_d, d_ok)
-                    s = _dot(q, tl.trans(k), PRECISION) * qk_scale
-                    s = tl.where(sees[:, None] & e_ok[None, :], s, float("-inf"))
-                    m_i, l_i, acc = _online_softmax(m_i, l_i, acc, s, v, PRECISION)
-
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    _store_rows(O, _dense_rows(b, head, qy, qx, H, W, NUM_HEADS, HEAD_DIM), q_ok, offs_d, d_ok,
-                acc / l_safe[:, None])
-    tl.store(LSE + bh_id * H * W + qy * W + qx, m_i + tl.log2(l_safe), mask=q_ok)
-
-
-# ---------------------------------------------------------------------------------------------
-# Backward: dQ (and the bias-table gradient, and delta = rowsum(dO * O)) over query patches
-
-
-@triton.jit
-def _na_bwd_dq_kernel(
-    Q, K, V, O, DO, LSE, DELTA, RPB, AK, AV, DQ, DRPB,
-    s_b, s_y, s_x, s_h, s_eb, s_ey, s_ex, s_en, s_eh,
     H, W, NUM_HEADS, N_EXTRA, tiles_h, tiles_w, qk_scale, sm_scale, rpb_copies,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr,
@@ -250,8 +177,12 @@ def _na_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, HAS_EXTRA: tl.constexpr,
     PER_WINDOW: tl.constexpr, FIRST_H: tl.constexpr, FIRST_W: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, BACKWARD: tl.constexpr,
 ):
+    """BACKWARD false: the forward, an online softmax that writes O and the log-sum-exp (DO, DELTA,
+    DQ and DRPB unused). True: dQ from the forward's log-sum-exp, after storing each query's
+    delta for the dK/dV kernels; with RPB_GRAD, the bias-table gradient is added with atomics
+    into copy ``pid % rpb_copies`` of the table. Only the chosen mode is compiled."""
     pid = tl.program_id(0)
     gh, gw, th, tw, n_h, n_w = _decode_patch(pid, tiles_h, tiles_w, H, W, DH, DW)
     bh_id = tl.program_id(1)
@@ -268,18 +199,22 @@ def _na_bwd_dq_kernel(
     qy, qx = qi * DH + gh, qj * DW + gw
     q = _load_rows(Q + base, qy * s_y + qx * s_x, q_ok, offs_d, d_ok)
     o_rows = _dense_rows(b, head, qy, qx, H, W, NUM_HEADS, HEAD_DIM)
-    delta, do = _row_delta(O, DO, o_rows, q_ok, offs_d, d_ok)
     row = bh_id * H * W + qy * W + qx
-    lse = tl.load(LSE + row, mask=q_ok, other=0.0)
-    tl.store(DELTA + row, delta, mask=q_ok)  # for the dK/dV kernels, launched after this one
-    drpb_base = DRPB + (pid % rpb_copies) * NUM_HEADS * (2 * KH - 1) * (2 * KW - 1)
+    if BACKWARD:
+        delta, do = _row_delta(O, DO, o_rows, q_ok, offs_d, d_ok)
+        lse = tl.load(LSE + row, mask=q_ok, other=0.0)
+        tl.store(DELTA + row, delta, mask=q_ok)  # for the dK/dV kernels, launched after this one
+        drpb_base = DRPB + (pid % rpb_copies) * NUM_HEADS * (2 * KH - 1) * (2 * KW - 1)
+        dq = tl.zeros([TH * TW, BLOCK_D], tl.float32)
+    else:
+        m_i = tl.full([TH * TW], float("-inf"), tl.float32)
+        l_i = tl.zeros([TH * TW], tl.float32)
+        acc = tl.zeros([TH * TW, BLOCK_D], tl.float32)
 
     lo_h, hi_h = _key_span(th, TH, n_h, KH, SH, OH, PART_H)
     lo_w, hi_w = _key_span(tw, TW, n_w, KW, SW, OW, PART_W)
     rect_w = tl.maximum(hi_w - lo_w, 1)
     n_keys = (hi_h - lo_h) * rect_w
-
-    dq = tl.zeros([TH * TW, BLOCK_D], tl.float32)
     for start in range(0, n_keys, BLOCK_N):
         idx = start + offs_n
         k_ok = idx < n_keys
@@ -290,15 +225,20 @@ def _na_bwd_dq_kernel(
         v = _load_rows(V + base, k_off, k_ok, offs_d, d_ok)
         s, mask = _window_logits(q, k, qi, qj, kr, kc, sh, sw, q_ok[:, None] & k_ok[None, :],
                                  RPB, head, qk_scale, KH, KW, HAS_RPB, PRECISION)
-        p, ds = _softmax_grad(s, mask, lse, delta, do, v, PRECISION)
-        dq += _dot(ds.to(k.dtype), k, PRECISION)
-        if RPB_GRAD:
-            bh = kr[None, :] - qi[:, None] + KH - 1
-            bw = kc[None, :] - qj[:, None] + KW - 1
-            ptr = drpb_base + head * (2 * KH - 1) * (2 * KW - 1) + bh * (2 * KW - 1) + bw
-            tl.atomic_add(ptr, ds, mask=mask)
+        if BACKWARD:
+            p, ds = _softmax_grad(s, mask, lse, delta, do, v, PRECISION)
+            dq += _dot(ds.to(k.dtype), k, PRECISION)
+            if RPB_GRAD:
+                bh = kr[None, :] - qi[:, None] + KH - 1
+                bw = kc[None, :] - qj[:, None] + KW - 1
+                ptr = drpb_base + head * (2 * KH - 1) * (2 * KW - 1) + bh * (2 * KW - 1) + bw
+                tl.atomic_add(ptr, ds, mask=mask)
+        else:
+            m_i, l_i, acc = _online_softmax(m_i, l_i, acc, tl.where(mask, s, float("-inf")), v,
+                                            PRECISION)
 
-    if HAS_EXTRA:  # the forward's walk over the windows the patch meets
+    if HAS_EXTRA:
+        # The windows the patch meets (one "window" of global tokens), each seen by its queries.
         own_y = _window_id(qi, KH, OH, FIRST_H, PER_WINDOW)
         own_x = _window_id(qj, KW, OW, FIRST_W, PER_WINDOW)
         for wy in range(tl.min(own_y, 0), tl.max(own_y, 0) + 1):
@@ -309,11 +249,21 @@ def _na_bwd_dq_kernel(
                     k, v, e_ok = _load_extra(AK, AV, e_base, start + offs_n, N_EXTRA, s_en,
                                              offs_d, d_ok)
                     s = _dot(q, tl.trans(k), PRECISION) * qk_scale
-                    p, ds = _softmax_grad(s, sees[:, None] & e_ok[None, :], lse, delta, do, v,
-                                          PRECISION)
-                    dq += _dot(ds.to(k.dtype), k, PRECISION)
+                    mask = sees[:, None] & e_ok[None, :]
+                    if BACKWARD:
+                        p, ds = _softmax_grad(s, mask, lse, delta, do, v, PRECISION)
+                        dq += _dot(ds.to(k.dtype), k, PRECISION)
+                    else:
+                        m_i, l_i, acc = _online_softmax(m_i, l_i, acc,
+                                                        tl.where(mask, s, float("-inf")), v,
+                                                        PRECISION)
 
-    _store_rows(DQ, o_rows, q_ok, offs_d, d_ok, dq * sm_scale)
+    if BACKWARD:
+        _store_rows(DQ, o_rows, q_ok, offs_d, d_ok, dq * sm_scale)
+    else:
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        _store_rows(O, o_rows, q_ok, offs_d, d_ok, acc / l_safe[:, None])
+        tl.store(LSE + row, m_i + tl.log2(l_safe), mask=q_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,14 +470,14 @@ def _forward(q, k, v, rpb, ak, av, kernel_size, stride, dilation, offset, scale)
     th, tw, tiles, grid0 = geo.patches(geo.cfg["block_m"])
     e_strides, n_extra, _, e_cx = _extra_layout(ak, geo)
     dummy = q  # stands for absent optional tensors; never read (constexpr-disabled)
-    _na_fwd_kernel[(grid0, B * geo.heads)](
+    _na_query_kernel[(grid0, B * geo.heads)](
         q, k, v, rpb if rpb is not None else dummy, ak if ak is not None else dummy,
-        av if av is not None else dummy, out, lse,
+        av if av is not None else dummy, out, lse, dummy, lse, dummy, lse,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3), *e_strides,
-        geo.H, geo.W, geo.heads, n_extra, tiles[0], tiles[1], scale * LOG2E,
+        geo.H, geo.W, geo.heads, n_extra, tiles[0], tiles[1], scale * LOG2E, scale, 1,
         **geo.constexprs(), **e_cx, TH=th, TW=tw, BLOCK_N=geo.cfg["block_n"],
-        HAS_RPB=rpb is not None, HAS_EXTRA=ak is not None, PRECISION=_precision(q),
-        **compiler_options(geo.cfg),
+        HAS_RPB=rpb is not None, RPB_GRAD=False, HAS_EXTRA=ak is not None,
+        PRECISION=_precision(q), BACKWARD=False, **compiler_options(geo.cfg),
     )
     return out, lse
 
@@ -551,13 +501,14 @@ def _backward(grad_out, q, k, v, out, lse, rpb, ak, av, kernel_size, stride, dil
     # Copies of the table spread the atomics of different programs over different addresses.
     copies = max(1, min(32, grid0)) if rpb_grad else 1
     drpb = torch.zeros(copies, geo.heads, table, device=q.device, dtype=torch.float32)
-    _na_bwd_dq_kernel[(grid0, B * geo.heads)](
-        q, k, v, out, grad_out, lse, delta, rpb if rpb is not None else dummy,
-        ak if ak is not None else dummy, av if av is not None else dummy, dq, drpb,
+    _na_query_kernel[(grid0, B * geo.heads)](
+        q, k, v, rpb if rpb is not None else dummy, ak if ak is not None else dummy,
+        av if av is not None else dummy, out, lse, grad_out, delta, dq, drpb,
         *strides, *e_strides,
         geo.H, geo.W, geo.heads, n_extra, tiles[0], tiles[1], scale * LOG2E, scale, copies,
         **cx, **e_cx, TH=th, TW=tw, BLOCK_N=geo.cfg["block_n"], HAS_RPB=rpb is not None,
-        RPB_GRAD=rpb_grad, HAS_EXTRA=ak is not None, PRECISION=precision, **common,
+        RPB_GRAD=rpb_grad, HAS_EXTRA=ak is not None, PRECISION=precision, BACKWARD=True,
+        **common,
     )
 
     th, tw, tiles, grid0 = geo.patches(geo.cfg["block_n"])

@@ -441,13 +441,15 @@ def test_kernels_compile_for_sm90(dtype, head_dim):
     blocked = dict(geo, KW=4, SW=4, DH=1, OH=2, OW=0, PART_H=True, PART_W=False)
     extras = dict(HAS_EXTRA=True, PER_WINDOW=True, FIRST_H=-1, FIRST_W=0)
     kernels = [
-        (triton_na._na_fwd_kernel, dict(geo, TH=8, TW=8, BLOCK_N=64, HAS_RPB=True,
-                                        HAS_EXTRA=True, PER_WINDOW=False, FIRST_H=0, FIRST_W=0,
-                                        PRECISION="ieee")),
-        (triton_na._na_fwd_kernel, dict(blocked, TH=8, TW=8, BLOCK_N=64, HAS_RPB=True, **extras,
-                                        PRECISION="ieee")),
-        (triton_na._na_bwd_dq_kernel, dict(blocked, TH=8, TW=8, BLOCK_N=64, HAS_RPB=True,
-                                           RPB_GRAD=True, **extras, PRECISION="ieee")),
+        (triton_na._na_query_kernel, dict(geo, TH=8, TW=8, BLOCK_N=64, HAS_RPB=True,
+                                          RPB_GRAD=False, HAS_EXTRA=True, PER_WINDOW=False,
+                                          FIRST_H=0, FIRST_W=0, PRECISION="ieee", BACKWARD=False)),
+        (triton_na._na_query_kernel, dict(blocked, TH=8, TW=8, BLOCK_N=64, HAS_RPB=True,
+                                          RPB_GRAD=False, **extras, PRECISION="ieee",
+                                          BACKWARD=False)),
+        (triton_na._na_query_kernel, dict(blocked, TH=8, TW=8, BLOCK_N=64, HAS_RPB=True,
+                                          RPB_GRAD=True, **extras, PRECISION="ieee",
+                                          BACKWARD=True)),
         (triton_na._na_bwd_dkdv_kernel, dict(geo, TH=8, TW=8, BLOCK_M=64, CAND_H=64, CAND_W=64,
                                              HAS_RPB=True, PRECISION="ieee")),
         (triton_na._na_bwd_extra_kernel, dict(KH=7, KW=4, OH=2, OW=0, PER_WINDOW=True, FIRST_H=-1,
