@@ -14,7 +14,8 @@ walked flattened ``BLOCK_N`` at a time (key ``n`` is token ``n % T`` of routed r
 statistics); the output and the log-sum-exp of each query are stored.
 
 Backward (flash-attention-2 style):
-* dQ: over query blocks, the same walk as the forward; it first stores each query's
+* dQ: over query blocks, the forward's kernel (``_routed_query_kernel``) in its backward mode,
+  so the walk over the routed keys is written once; it first stores each query's
   ``delta = rowsum(dO * O)`` (fp32) for the dK/dV kernel.
 * dK/dV: over blocks of ``BLOCK_N`` keys of one key region, with a **reverse index** rather than
   atomics. The routing is inverted in PyTorch (a stable ``argsort`` of the ``B * R * topk``
@@ -67,74 +68,23 @@ def _region_token(region, t, GW, RH: tl.constexpr, RW: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward
+# Over query blocks: the forward, and the backward's dQ (with delta = rowsum(dO * O)). Both walk
+# the same routed keys, so they are one kernel with two modes.
 
 
 @triton.jit
-def _routed_fwd_kernel(
-    Q, K, V, IDX, O, LSE,
+def _routed_query_kernel(
+    Q, K, V, IDX, O, LSE, DO, DELTA, DQ,
     s_b, s_y, s_x, s_h,  # strides of q and k (head_dim stride 1)
-    sv_b, sv_y, sv_x, sv_h,  # strides of v; o is contiguous
-    H, W, NUM_HEADS, R, GW, TOPK, q_blocks, qk_scale,
-    RH: tl.constexpr, RW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    T: tl.constexpr = RH * RW
-    pid = tl.program_id(0)
-    r = pid // q_blocks
-    bh_id = tl.program_id(1)
-    b = bh_id // NUM_HEADS
-    head = bh_id % NUM_HEADS
-
-    offs_m = (pid % q_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < V_DIM
-    q_ok = offs_m < T
-    qy, qx = _region_token(r, tl.minimum(offs_m, T - 1), GW, RH, RW)
-    q = _load_rows(Q, b * s_b + head * s_h + qy * s_y + qx * s_x, q_ok, offs_d, d_ok)
-
-    idx_row = IDX + (b * R + r) * TOPK
-    kv_b = b * s_b + head * s_h
-    v_b = b * sv_b + head * sv_h
-    n_keys = TOPK * T
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for start in range(0, n_keys, BLOCK_N):
-        n = start + offs_n
-        k_ok = n < n_keys
-        region = tl.load(idx_row + n // T, mask=k_ok, other=0)
-        k_ok = k_ok & (region >= 0) & (region < R)
-        ky, kx = _region_token(tl.where(k_ok, region, 0), n % T, GW, RH, RW)
-        k = _load_rows(K + kv_b, ky * s_y + kx * s_x, k_ok, offs_d, d_ok)
-        v = _load_rows(V + v_b, ky * sv_y + kx * sv_x, k_ok, offs_dv, dv_ok)
-        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
-        s = tl.where(k_ok[None, :], s, float("-inf"))
-        m_i, l_i, acc = _online_softmax(m_i, l_i, acc, s, v, PRECISION)
-
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    _store_rows(O, _dense_rows(b, head, qy, qx, H, W, NUM_HEADS, V_DIM), q_ok, offs_dv, dv_ok,
-                acc / l_safe[:, None])
-    tl.store(LSE + bh_id * H * W + qy * W + qx, m_i + tl.log2(l_safe), mask=q_ok)
-
-
-# ---------------------------------------------------------------------------------------------
-# Backward: dQ (and delta = rowsum(dO * O)) over query blocks
-
-
-@triton.jit
-def _routed_bwd_dq_kernel(
-    Q, K, V, O, DO, LSE, DELTA, IDX, DQ,
-    s_b, s_y, s_x, s_h, sv_b, sv_y, sv_x, sv_h,
+    sv_b, sv_y, sv_x, sv_h,  # strides of v; o, do and dq are contiguous
     H, W, NUM_HEADS, R, GW, TOPK, q_blocks, qk_scale, sm_scale,
     RH: tl.constexpr, RW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, BACKWARD: tl.constexpr,
 ):
+    """BACKWARD false: the forward, an online softmax that writes O and the log-sum-exp (DO, DELTA
+    and DQ unused). True: dQ from the forward's log-sum-exp, after storing each query's delta
+    for the dK/dV kernel. Only the chosen mode is compiled."""
     T: tl.constexpr = RH * RW
     pid = tl.program_id(0)
     r = pid // q_blocks
@@ -151,17 +101,22 @@ def _routed_bwd_dq_kernel(
     q_ok = offs_m < T
     qy, qx = _region_token(r, tl.minimum(offs_m, T - 1), GW, RH, RW)
     q = _load_rows(Q, b * s_b + head * s_h + qy * s_y + qx * s_x, q_ok, offs_d, d_ok)
-    delta, do = _row_delta(O, DO, _dense_rows(b, head, qy, qx, H, W, NUM_HEADS, V_DIM), q_ok,
-                           offs_dv, dv_ok)
     row = bh_id * H * W + qy * W + qx
-    lse = tl.load(LSE + row, mask=q_ok, other=0.0)
-    tl.store(DELTA + row, delta, mask=q_ok)  # for the dK/dV kernel, launched after this one
+    if BACKWARD:
+        delta, do = _row_delta(O, DO, _dense_rows(b, head, qy, qx, H, W, NUM_HEADS, V_DIM), q_ok,
+                               offs_dv, dv_ok)
+        lse = tl.load(LSE + row, mask=q_ok, other=0.0)
+        tl.store(DELTA + row, delta, mask=q_ok)  # for the dK/dV kernel, launched after this one
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
     idx_row = IDX + (b * R + r) * TOPK
     kv_b = b * s_b + head * s_h
     v_b = b * sv_b + head * sv_h
     n_keys = TOPK * T
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, n_keys, BLOCK_N):
         n = start + offs_n
         k_ok = n < n_keys
@@ -171,11 +126,21 @@ def _routed_bwd_dq_kernel(
         k = _load_rows(K + kv_b, ky * s_y + kx * s_x, k_ok, offs_d, d_ok)
         v = _load_rows(V + v_b, ky * sv_y + kx * sv_x, k_ok, offs_dv, dv_ok)
         s = _dot(q, tl.trans(k), PRECISION) * qk_scale
-        p, ds = _softmax_grad(s, k_ok[None, :] & q_ok[:, None], lse, delta, do, v, PRECISION)
-        dq += _dot(ds.to(k.dtype), k, PRECISION)
+        if BACKWARD:
+            p, ds = _softmax_grad(s, k_ok[None, :] & q_ok[:, None], lse, delta, do, v, PRECISION)
+            dq += _dot(ds.to(k.dtype), k, PRECISION)
+        else:
+            s = tl.where(k_ok[None, :], s, float("-inf"))
+            m_i, l_i, acc = _online_softmax(m_i, l_i, acc, s, v, PRECISION)
 
-    _store_rows(DQ, _dense_rows(b, head, qy, qx, H, W, NUM_HEADS, HEAD_DIM), q_ok, offs_d, d_ok,
-                dq * sm_scale)
+    if BACKWARD:
+        _store_rows(DQ, _dense_rows(b, head, qy, qx, H, W, NUM_HEADS, HEAD_DIM), q_ok, offs_d,
+                    d_ok, dq * sm_scale)
+    else:
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        _store_rows(O, _dense_rows(b, head, qy, qx, H, W, NUM_HEADS, V_DIM), q_ok, offs_dv, dv_ok,
+                    acc / l_safe[:, None])
+        tl.store(LSE + row, m_i + tl.log2(l_safe), mask=q_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,10 +266,10 @@ def _forward(q, k, v, region_index, region_size, scale):
     lse = torch.empty(L.B, L.heads, L.H, L.W, device=q.device, dtype=torch.float32)
     block_m = L.block_own(L.cfg["block_m"])
     q_blocks = triton.cdiv(L.T, block_m)
-    _routed_fwd_kernel[(L.R * q_blocks, L.B * L.heads)](
-        q, k, v, region_index, out, lse, *L.strides(q, v),
-        L.H, L.W, L.heads, L.R, L.gw, L.topk, q_blocks, scale * LOG2E,
-        BLOCK_M=block_m, BLOCK_N=L.cfg["block_n"], **L.constexprs(),
+    _routed_query_kernel[(L.R * q_blocks, L.B * L.heads)](
+        q, k, v, region_index, out, lse, q, lse, q, *L.strides(q, v),
+        L.H, L.W, L.heads, L.R, L.gw, L.topk, q_blocks, scale * LOG2E, scale,
+        BLOCK_M=block_m, BLOCK_N=L.cfg["block_n"], BACKWARD=False, **L.constexprs(),
     )
     return out, lse
 
@@ -318,10 +283,10 @@ def _backward(grad_out, q, k, v, out, lse, region_index, region_size, scale):
 
     block_m = L.block_own(L.cfg["block_m"])
     q_blocks = triton.cdiv(L.T, block_m)
-    _routed_bwd_dq_kernel[(L.R * q_blocks, L.B * L.heads)](
-        q, k, v, out, grad_out, lse, delta, region_index, dq, *strides,
+    _routed_query_kernel[(L.R * q_blocks, L.B * L.heads)](
+        q, k, v, region_index, out, lse, grad_out, delta, dq, *strides,
         L.H, L.W, L.heads, L.R, L.gw, L.topk, q_blocks, scale * LOG2E, scale,
-        BLOCK_M=block_m, BLOCK_N=L.cfg["block_n"], **L.constexprs(),
+        BLOCK_M=block_m, BLOCK_N=L.cfg["block_n"], BACKWARD=True, **L.constexprs(),
     )
 
     offsets, sources = reverse_index(region_index)

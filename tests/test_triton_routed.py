@@ -385,8 +385,8 @@ def test_kernels_compile_for_sm90(dtype, head_dim, v_dim):
                 V_DIM=v_dim, BLOCK_DV=triton.next_power_of_2(v_dim),
                 PRECISION="tf32" if dtype == "fp32" else "ieee")
     kernels = [
-        (triton_routed._routed_fwd_kernel, dict(dims, BLOCK_M=16, BLOCK_N=64)),
-        (triton_routed._routed_bwd_dq_kernel, dict(dims, BLOCK_M=16, BLOCK_N=64)),
+        (triton_routed._routed_query_kernel, dict(dims, BLOCK_M=16, BLOCK_N=64, BACKWARD=False)),
+        (triton_routed._routed_query_kernel, dict(dims, BLOCK_M=16, BLOCK_N=64, BACKWARD=True)),
         (triton_routed._routed_bwd_dkdv_kernel, dict(dims, BLOCK_M=64, BLOCK_N=16)),
     ]
     pointer_types = {**dict.fromkeys(("IDX", "OFFSETS", "SOURCES"), "*i32"),
