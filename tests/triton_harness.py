@@ -90,7 +90,6 @@ def compile_for_sm90(fn, constexprs: dict, pointer: str, pointer_types: dict = N
             signature[name] = pointer
         else:
             signature[name] = "fp32" if name.endswith("scale") else "i32"
+    options = compiler_options(dict(num_warps=num_warps, num_stages=num_stages))
     return triton.compile(ASTSource(fn, signature, constexprs=constexprs),
-                          target=GPUTarget("cuda", 90, 32),
-                          options=compiler_options(dict(num_warps=num_warps,
-                                                                 num_stages=num_stages)))
+                          target=GPUTarget("cuda", 90, 32), options=options)
