@@ -462,23 +462,36 @@ def _extra_layout(ak: Optional[Tensor], geo: "_Geometry"):
             dict(PER_WINDOW=True, FIRST_H=first[0], FIRST_W=first[1]))
 
 
-def _forward(q, k, v, rpb, ak, av, kernel_size, stride, dilation, offset, scale):
-    geo = _Geometry(q, kernel_size, stride, dilation, offset)
-    B = q.shape[0]
-    out = dense_like(q)
-    lse = torch.empty(B, geo.heads, geo.H, geo.W, device=q.device, dtype=torch.float32)
+def _query_pass(geo: "_Geometry", q, k, v, rpb, ak, av, out, lse, scale, grad_out=None,
+                delta=None, dq=None, rpb_grad: bool = False) -> Optional[Tensor]:
+    """Launch ``_na_query_kernel`` over the query patches: the forward without ``grad_out``
+    (writes ``out`` and ``lse``), else the dQ pass (writes ``delta`` and ``dq``). Returns the
+    copies of the bias-table gradient it accumulated with ``rpb_grad``, else None."""
     th, tw, tiles, grid0 = geo.patches(geo.cfg["block_m"])
     e_strides, n_extra, _, e_cx = _extra_layout(ak, geo)
-    dummy = q  # stands for absent optional tensors; never read (constexpr-disabled)
-    _na_query_kernel[(grid0, B * geo.heads)](
-        q, k, v, rpb if rpb is not None else dummy, ak if ak is not None else dummy,
-        av if av is not None else dummy, out, lse, dummy, lse, dummy, lse,
+    drpb, copies = None, 1
+    if rpb_grad:  # copies of the table spread the atomics of different programs over addresses
+        copies = max(1, min(32, grid0))
+        table = (2 * geo.kernel[0] - 1) * (2 * geo.kernel[1] - 1)
+        drpb = torch.zeros(copies, geo.heads, table, device=q.device, dtype=torch.float32)
+    # q stands for the absent tensors: never read (their constexpr flags are off)
+    absent = [t if t is not None else q for t in (rpb, ak, av, grad_out, delta, dq, drpb)]
+    _na_query_kernel[(grid0, q.shape[0] * geo.heads)](
+        q, k, v, *absent[:3], out, lse, *absent[3:],
         q.stride(0), q.stride(1), q.stride(2), q.stride(3), *e_strides,
-        geo.H, geo.W, geo.heads, n_extra, tiles[0], tiles[1], scale * LOG2E, scale, 1,
+        geo.H, geo.W, geo.heads, n_extra, tiles[0], tiles[1], scale * LOG2E, scale, copies,
         **geo.constexprs(), **e_cx, TH=th, TW=tw, BLOCK_N=geo.cfg["block_n"],
-        HAS_RPB=rpb is not None, RPB_GRAD=False, HAS_EXTRA=ak is not None,
-        PRECISION=_precision(q), BACKWARD=False, **compiler_options(geo.cfg),
+        HAS_RPB=rpb is not None, RPB_GRAD=rpb_grad, HAS_EXTRA=ak is not None,
+        PRECISION=_precision(q), BACKWARD=grad_out is not None, **compiler_options(geo.cfg),
     )
+    return drpb
+
+
+def _forward(q, k, v, rpb, ak, av, kernel_size, stride, dilation, offset, scale):
+    geo = _Geometry(q, kernel_size, stride, dilation, offset)
+    out = dense_like(q)
+    lse = torch.empty(q.shape[0], geo.heads, geo.H, geo.W, device=q.device, dtype=torch.float32)
+    _query_pass(geo, q, k, v, rpb, ak, av, out, lse, scale)
     return out, lse
 
 
@@ -487,30 +500,16 @@ def _backward(grad_out, q, k, v, out, lse, rpb, ak, av, kernel_size, stride, dil
     geo = _Geometry(q, kernel_size, stride, dilation, offset)
     B = q.shape[0]
     grad_out = grad_out.contiguous()
-    delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dQ kernel
+    delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dQ pass
     dq, dk, dv = dense_like(q), dense_like(k), dense_like(v)
+    drpb = _query_pass(geo, q, k, v, rpb, ak, av, out, lse, scale, grad_out, delta, dq, rpb_grad)
+
     e_strides, n_extra, windows, e_cx = _extra_layout(ak, geo)
     dummy = q
     cx = geo.constexprs()
     common = compiler_options(geo.cfg)
     precision = _precision(q)
     strides = (q.stride(0), q.stride(1), q.stride(2), q.stride(3))
-
-    th, tw, tiles, grid0 = geo.patches(geo.cfg["block_m"])
-    table = (2 * kernel_size[0] - 1) * (2 * kernel_size[1] - 1)
-    # Copies of the table spread the atomics of different programs over different addresses.
-    copies = max(1, min(32, grid0)) if rpb_grad else 1
-    drpb = torch.zeros(copies, geo.heads, table, device=q.device, dtype=torch.float32)
-    _na_query_kernel[(grid0, B * geo.heads)](
-        q, k, v, rpb if rpb is not None else dummy, ak if ak is not None else dummy,
-        av if av is not None else dummy, out, lse, grad_out, delta, dq, drpb,
-        *strides, *e_strides,
-        geo.H, geo.W, geo.heads, n_extra, tiles[0], tiles[1], scale * LOG2E, scale, copies,
-        **cx, **e_cx, TH=th, TW=tw, BLOCK_N=geo.cfg["block_n"], HAS_RPB=rpb is not None,
-        RPB_GRAD=rpb_grad, HAS_EXTRA=ak is not None, PRECISION=precision, BACKWARD=True,
-        **common,
-    )
-
     th, tw, tiles, grid0 = geo.patches(geo.cfg["block_n"])
     cand = tuple(triton.next_power_of_2(t + 4 * kk) for t, kk in zip((th, tw), kernel_size))
     _na_bwd_dkdv_kernel[(grid0, B * geo.heads)](

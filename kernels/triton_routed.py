@@ -101,10 +101,10 @@ def _routed_query_kernel(
     q_ok = offs_m < T
     qy, qx = _region_token(r, tl.minimum(offs_m, T - 1), GW, RH, RW)
     q = _load_rows(Q, b * s_b + head * s_h + qy * s_y + qx * s_x, q_ok, offs_d, d_ok)
+    o_rows = _dense_rows(b, head, qy, qx, H, W, NUM_HEADS, V_DIM)
     row = bh_id * H * W + qy * W + qx
     if BACKWARD:
-        delta, do = _row_delta(O, DO, _dense_rows(b, head, qy, qx, H, W, NUM_HEADS, V_DIM), q_ok,
-                               offs_dv, dv_ok)
+        delta, do = _row_delta(O, DO, o_rows, q_ok, offs_dv, dv_ok)
         lse = tl.load(LSE + row, mask=q_ok, other=0.0)
         tl.store(DELTA + row, delta, mask=q_ok)  # for the dK/dV kernel, launched after this one
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -138,8 +138,7 @@ def _routed_query_kernel(
                     d_ok, dq * sm_scale)
     else:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        _store_rows(O, _dense_rows(b, head, qy, qx, H, W, NUM_HEADS, V_DIM), q_ok, offs_dv, dv_ok,
-                    acc / l_safe[:, None])
+        _store_rows(O, o_rows, q_ok, offs_dv, dv_ok, acc / l_safe[:, None])
         tl.store(LSE + row, m_i + tl.log2(l_safe), mask=q_ok)
 
 
@@ -260,40 +259,42 @@ class _Launch:
                     PRECISION=self.precision, **compiler_options(self.cfg))
 
 
+def _query_pass(L: _Launch, q, k, v, region_index, out, lse, scale, grad_out=None, delta=None,
+                dq=None) -> None:
+    """Launch ``_routed_query_kernel`` over the query blocks: the forward without ``grad_out``
+    (writes ``out`` and ``lse``), else the dQ pass (writes ``delta`` and ``dq``)."""
+    block_m = L.block_own(L.cfg["block_m"])
+    q_blocks = triton.cdiv(L.T, block_m)
+    # q stands for the absent tensors: never read (BACKWARD is off)
+    absent = [t if t is not None else q for t in (grad_out, delta, dq)]
+    _routed_query_kernel[(L.R * q_blocks, L.B * L.heads)](
+        q, k, v, region_index, out, lse, *absent, *L.strides(q, v),
+        L.H, L.W, L.heads, L.R, L.gw, L.topk, q_blocks, scale * LOG2E, scale,
+        BLOCK_M=block_m, BLOCK_N=L.cfg["block_n"], BACKWARD=grad_out is not None,
+        **L.constexprs(),
+    )
+
+
 def _forward(q, k, v, region_index, region_size, scale):
     L = _Launch(q, v, region_index, region_size)
     out = q.new_empty(*q.shape[:4], L.v_dim)  # contiguous
     lse = torch.empty(L.B, L.heads, L.H, L.W, device=q.device, dtype=torch.float32)
-    block_m = L.block_own(L.cfg["block_m"])
-    q_blocks = triton.cdiv(L.T, block_m)
-    _routed_query_kernel[(L.R * q_blocks, L.B * L.heads)](
-        q, k, v, region_index, out, lse, q, lse, q, *L.strides(q, v),
-        L.H, L.W, L.heads, L.R, L.gw, L.topk, q_blocks, scale * LOG2E, scale,
-        BLOCK_M=block_m, BLOCK_N=L.cfg["block_n"], BACKWARD=False, **L.constexprs(),
-    )
+    _query_pass(L, q, k, v, region_index, out, lse, scale)
     return out, lse
 
 
 def _backward(grad_out, q, k, v, out, lse, region_index, region_size, scale):
     L = _Launch(q, v, region_index, region_size)
     grad_out = grad_out.contiguous()
-    delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dQ kernel
+    delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dQ pass
     dq, dk, dv = dense_like(q), dense_like(k), dense_like(v)
-    strides = L.strides(q, v)
-
-    block_m = L.block_own(L.cfg["block_m"])
-    q_blocks = triton.cdiv(L.T, block_m)
-    _routed_query_kernel[(L.R * q_blocks, L.B * L.heads)](
-        q, k, v, region_index, out, lse, grad_out, delta, dq, *strides,
-        L.H, L.W, L.heads, L.R, L.gw, L.topk, q_blocks, scale * LOG2E, scale,
-        BLOCK_M=block_m, BLOCK_N=L.cfg["block_n"], BACKWARD=True, **L.constexprs(),
-    )
+    _query_pass(L, q, k, v, region_index, out, lse, scale, grad_out, delta, dq)
 
     offsets, sources = reverse_index(region_index)
     block_n = L.block_own(L.cfg["block_n"])
     k_blocks = triton.cdiv(L.T, block_n)
     _routed_bwd_dkdv_kernel[(L.R * k_blocks, L.B * L.heads)](
-        q, k, v, grad_out, lse, delta, offsets, sources, dk, dv, *strides,
+        q, k, v, grad_out, lse, delta, offsets, sources, dk, dv, *L.strides(q, v),
         L.H, L.W, L.heads, L.R, L.gw, k_blocks, scale * LOG2E, scale,
         BLOCK_M=L.cfg["block_m"], BLOCK_N=block_n, **L.constexprs(),
     )
