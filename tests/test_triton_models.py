@@ -17,7 +17,7 @@ import timm
 import torch
 
 import zoo
-from triton_harness import gpu, needs_interpreter, not_interpreted, run_interpreter_suite
+from triton_harness import gpu, interpreter_suite, needs_interpreter
 from zoo.kernels import backend
 
 pytest.importorskip("zoo.kernels.triton_na")
@@ -77,7 +77,4 @@ def test_family_on_triton_matches_reference_gpu(name, monkeypatch):
     compare_backends(name, 224, "cuda", tol=1e-3)
 
 
-@not_interpreted
-@pytest.mark.parametrize("shard", range(3))
-def test_interpreter_suite(shard):
-    run_interpreter_suite(__file__, min_passed=len(FAMILIES), shard=shard, shards=3)
+test_interpreter_suite = interpreter_suite(__file__, min_passed=len(FAMILIES), shards=3)

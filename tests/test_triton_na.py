@@ -14,8 +14,8 @@ import zlib
 import pytest
 import torch
 
-from triton_harness import (compile_for_sm90, gpu, needs_interpreter, not_interpreted,
-                            peak_memory, run_interpreter_suite)
+from triton_harness import (compile_for_sm90, gpu, interpreter_suite, needs_interpreter,
+                            not_interpreted, peak_memory)
 from zoo.kernels import BACKENDS, backend, na2d, na2d_reference, selected_backend
 from zoo.kernels.neighborhood import axis_window_count
 
@@ -228,10 +228,7 @@ def test_random_per_window_cases(seed):
 # The interpreter run, launched from the ordinary test process.
 
 
-@not_interpreted
-@pytest.mark.parametrize("shard", range(4))
-def test_interpreter_suite(shard):
-    run_interpreter_suite(__file__, min_passed=190, shard=shard, shards=4)
+test_interpreter_suite = interpreter_suite(__file__, min_passed=190, shards=4)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import random
 import pytest
 import torch
 
-from triton_harness import (compile_for_sm90, gpu, needs_interpreter, not_interpreted,
-                            peak_memory, run_interpreter_suite)
+from triton_harness import (compile_for_sm90, gpu, interpreter_suite, needs_interpreter,
+                            not_interpreted, peak_memory)
 from zoo.kernels import backend, routed_attention, routed_attention_reference
 
 triton_routed = pytest.importorskip("zoo.kernels.triton_routed")
@@ -195,10 +195,7 @@ def test_biformer_mixers_through_triton():
 # The interpreter run, launched from the ordinary test process.
 
 
-@not_interpreted
-@pytest.mark.parametrize("shard", range(2))
-def test_interpreter_suite(shard):
-    run_interpreter_suite(__file__, min_passed=3 * len(NAMED) + N_RANDOM, shard=shard, shards=2)
+test_interpreter_suite = interpreter_suite(__file__, min_passed=3 * len(NAMED) + N_RANDOM, shards=2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ The interpreter is chosen when ``triton.jit`` decorates the kernels, so ``TRITON
 must be set before zoo.kernels is imported, which other test modules of the same pytest process
 have already done. Each Triton test module therefore marks its interpreter tests
 ``needs_interpreter`` (they skip in an ordinary process) and launches itself again in fresh
-``python -m pytest`` processes with the variable set, through ``run_interpreter_suite``, one per
-shard of its cases, so that pytest-xdist's workers share the interpreter's work.
+``python -m pytest`` processes with the variable set, one per shard of its cases (the test that
+``interpreter_suite`` makes), so that pytest-xdist's workers share the interpreter's work.
 """
 
 import os
@@ -64,6 +64,16 @@ def run_interpreter_suite(test_file: str, min_passed: int, shard: int = 0, shard
     assert result.returncode == 0, f"TRITON_INTERPRET=1 run failed:\n{tail}"
     passed = re.search(r"(\d+) passed", tail)
     assert passed and int(passed.group(1)) >= min_passed // shards, tail
+
+
+def interpreter_suite(test_file: str, min_passed: int, shards: int):
+    """The ordinary process's test that runs ``test_file``'s interpreter cases: one test per
+    shard, each a ``run_interpreter_suite`` subprocess. A module binds it to a ``test_`` name."""
+    @not_interpreted
+    @pytest.mark.parametrize("shard", range(shards))
+    def test_interpreter_suite(shard):
+        run_interpreter_suite(test_file, min_passed, shard=shard, shards=shards)
+    return test_interpreter_suite
 
 
 def compile_for_sm90(fn, constexprs: dict, pointer: str, pointer_types: dict = None,
