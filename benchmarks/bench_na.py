@@ -51,7 +51,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import bench_parser, measure, nominal_map, run_and_write  # noqa: E402
+from harness import (bench_parser, errors_recorded, measure, nominal_map,  # noqa: E402
+                     run_and_write)
 
 from zoo.kernels import backend, na2d  # noqa: E402
 from zoo.kernels.neighborhood import axis_window, axis_window_count, axis_window_ids  # noqa: E402
@@ -341,7 +342,7 @@ def run(args, add):
                           if not (name in ("natten", "sdpa_dense", "sdpa_windows")
                                   and k == "rpb")}
                     rec["rpb"] = "rpb" in ex
-                    try:
+                    with errors_recorded(rec):  # one failing method is a result too
                         fn = build(inputs, ex, case)
                         if fn is None:
                             continue
@@ -358,11 +359,6 @@ def run(args, add):
                         rec.update(measure(fn, inputs, ex, device, args.rep,
                                            forward_only=device == "cpu"
                                            and name in ("flex", "natten")))
-                    except torch.OutOfMemoryError:
-                        rec["error"] = "out of memory"
-                        torch.cuda.empty_cache()
-                    except Exception as e:  # keep going: one failing baseline is a result too
-                        rec["error"] = f"{type(e).__name__}: {e}"[:300]
                     add(rec)
 
 

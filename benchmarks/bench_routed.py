@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the shared timing, memory, plot and incremental output code
-from harness import bench_parser, measure, nominal_map, run_and_write  # noqa: E402
+from harness import (bench_parser, errors_recorded, measure, nominal_map,  # noqa: E402
+                     run_and_write)
 
 from zoo.kernels import backend, routed_attention  # noqa: E402
 from zoo.kernels.routed import _to_regions, _from_regions  # noqa: E402
@@ -127,7 +128,7 @@ def run(args, add):
                     # ``family`` and ``stage`` are the keys bench_na's plot groups by
                     rec = dict(img=img, family=f"biformer_{variant}", stage=stage, batch=batch,
                                dtype=args.dtype, method=name, **case)
-                    try:
+                    with errors_recorded(rec):  # one failing method is a result too
                         fn = build(index, case)
                         if args.tiny:  # validate the construction against the reference
                             out = fn(*inputs)
@@ -136,11 +137,6 @@ def run(args, add):
                                     ref = routed_attention(*inputs, index, case["region"])
                             rec["max_err_vs_reference"] = (out.float() - ref.float()).abs().max().item()
                         rec.update(measure(fn, inputs, {}, device, args.rep))
-                    except torch.OutOfMemoryError:
-                        rec["error"] = "out of memory"
-                        torch.cuda.empty_cache()
-                    except Exception as e:  # keep going: one failing baseline is a result too
-                        rec["error"] = f"{type(e).__name__}: {e}"[:300]
                     add(rec)
 
 

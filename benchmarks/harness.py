@@ -7,6 +7,7 @@ gets are described in bench_na.py's docstring.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -74,11 +75,24 @@ def measure(fn, inputs, extra, device, repeats, forward_only=False) -> dict:
     return rec
 
 
+@contextlib.contextmanager
+def errors_recorded(rec: dict):
+    """Run the block; a failure (out of memory, a config that does not compile or launch, a
+    baseline that cannot take the case) becomes ``rec["error"]`` and the sweep goes on: one
+    failing method is a result too."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        rec["error"] = "out of memory"
+        torch.cuda.empty_cache()
+    except Exception as e:
+        rec["error"] = f"{type(e).__name__}: {e}"[:300]
+
+
 def nominal_map(img: int, stage: int) -> int:
     """The side of a stage's feature map at full size (``--maps`` and targets.py select by it,
     also in --tiny runs, whose maps are shrunk)."""
     return img // 2 ** (stage + 2)
-
 
 
 def plot(records, path, title=""):

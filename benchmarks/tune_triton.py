@@ -116,17 +116,12 @@ def run(args, add):
             def forced(*a, **kw):
                 with backend("triton"), launch_config(**cfg):
                     return fn(*a, **kw)
-            try:
+            with harness.errors_recorded(rec):  # a config that does not compile is a result too
                 if want is not None:
                     got = outputs_and_grads(forced, inputs, extra, grad)
                     rec["max_err_vs_reference"] = max(
                         (g.float() - w.float()).abs().max().item() for g, w in zip(got, want))
                 rec.update(harness.measure(forced, inputs, extra, device, args.rep))
-            except torch.OutOfMemoryError:
-                rec["error"] = "out of memory"
-                torch.cuda.empty_cache()
-            except Exception as e:  # a config that does not compile or launch is a result too
-                rec["error"] = f"{type(e).__name__}: {e}"[:300]
             add(rec)
 
 
