@@ -116,9 +116,9 @@ def test_recipe_errors_name_file_and_key(tmp_path, text, key, words):
 
 def test_set_overrides_are_checked():
     demo = ROOT / "configs/train/demo.yaml"
-    assert parse_overrides(["optimizer.lr=1e-3", "ema.enabled=true"]) == {"optimizer.lr": "1e-3",
+    assert parse_overrides(["optimizer.lr=1e-3", "ema.enabled=true"]) == {"optimizer.lr": 1e-3,
                                                                           "ema.enabled": True}
-    assert load_recipe(demo, ["optimizer.lr=1e-3"]).optimizer.lr == 1e-3  # YAML's 1e-3 string is a number
+    assert load_recipe(demo, ["optimizer.lr=1e-3"]).optimizer.lr == 1e-3
     with pytest.raises(ConfigError, match=r"--set: train.batch_size: expected int"):
         load_recipe(demo, ["train.batch_size=big"])
     with pytest.raises(ConfigError, match="unknown section"):

@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterable, Optional
 
 import yaml
 
+from zoo import yamlio
 from zoo.errors import ConfigError
 
 REQUIRED = object()
@@ -203,18 +204,6 @@ def list_recipes() -> Dict[str, Path]:
     return {p.stem: p for p in sorted(recipes_dir().glob("*.yaml"))}
 
 
-def _read(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ConfigError(path, "", f"cannot read recipe: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(path, "", f"not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(path, "", f"a recipe must be a mapping at top level, got {type(data).__name__}")
-    return data
-
-
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -230,7 +219,7 @@ def _load_raw(path: Path, chain=()) -> tuple:
     path = path.resolve()
     if path in chain:
         raise ConfigError(path, "base", "base cycle: " + " -> ".join(p.name for p in chain + (path,)))
-    data = _read(path)
+    data = yamlio.read_mapping(path, "recipe")
     prov = {}
     own = {k: v for k, v in data.items() if k != "base"}
     for sec, val in own.items():
@@ -260,7 +249,7 @@ def parse_overrides(items: Iterable[str]) -> Dict[str, Any]:
             raise ConfigError("--set", item, "expected section.key=value")
         key, value = item.split("=", 1)
         try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+            out[key.strip()] = yamlio.load(value) if value.strip() else None
         except yaml.YAMLError as e:
             raise ConfigError("--set", key, f"value is not valid YAML: {e}") from None
     return out
@@ -324,12 +313,6 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: dict) -> Recipe:
                 continue
             v = given[k]
             kinds = _flat(types)
-            if isinstance(v, str) and float in kinds:
-                # PyYAML reads 1e-3 (no dot) as a string; a number was meant.
-                try:
-                    v = float(v)
-                except ValueError:
-                    pass
             if isinstance(v, bool) and bool not in kinds:
                 ok = False
             else:
