@@ -57,7 +57,7 @@ from torch import nn
 from ..kernels import na2d
 from .attention import check_heads
 from .layers import NCHW, NHWC, LayerNorm2d
-from .registry import SpecError, register
+from .registry import SpecError, read_context, register
 
 CPB_HIDDEN = 512  # hidden width of the authors' positional MLPs
 
@@ -324,6 +324,11 @@ class HATBlock(nn.Module):
             raise SpecError("layer_scale", f"must be > 0 or null, got {params['layer_scale']}")
         if params["propagate"] and not params["hat"]:
             raise SpecError("propagate", "needs carrier tokens (hat: true)")
+        # Every HAT block reads the stage state as carrier tokens; with hat: true there must be some.
+        carrier = read_context(ctx, "carrier_tokens", "hat", required=params["hat"])
+        if carrier is not None and carrier["window_size"] != params["window_size"]:
+            raise SpecError("window_size", f"must equal the stage's carrier_tokens window_size "
+                                           f"{carrier['window_size']}, got {params['window_size']}")
 
     def _resume(self, x: torch.Tensor, ctx: Optional[StageState]) -> torch.Tensor:
         """The stage's padded map: the previous block's padded tokens around x, or zeros."""

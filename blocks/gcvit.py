@@ -35,7 +35,7 @@ from torch import nn
 from ..kernels import na2d
 from .attention import bias_table, check_heads, check_positive, pair
 from .layers import NCHW, NHWC, LayerNorm2d
-from .registry import Pair, SpecError, register
+from .registry import Pair, SpecError, read_context, register
 
 
 class MBConvSE(nn.Module):
@@ -133,6 +133,8 @@ class GCViTWindowAttention(nn.Module):
     def check(cls, params: dict, ctx: dict) -> None:
         check_heads(params, ctx)
         check_positive(params, "window_size")
+        if params["global_query"]:
+            read_context(ctx, "gcvit_global_query", "global_query")
 
     def _global_queries(self, q_global: Optional[torch.Tensor], batch: int, grid) -> torch.Tensor:
         if q_global is None:

@@ -54,6 +54,25 @@ class SpecError(ValueError):
         self.message = message
 
 
+def read_context(ctx: dict, context_type: str, key: str, required: bool = True) -> Optional[dict]:
+    """For a ``check``: this block or mixer reads the stage's context as a ``context_type``.
+
+    Raises ``SpecError(key, ...)`` when the stage's context is of another type (the block would
+    misread it) or, if ``required``, missing. A required read counts as the context's use: the
+    config refuses a stage context that no block reads.
+    """
+    spec = ctx.get("context")
+    if spec is not None and spec["type"] != context_type:
+        raise SpecError(key, f"reads the stage's context as {context_type!r}, but the stage's context is "
+                             f"{spec['type']!r}")
+    if required:
+        if spec is None:
+            raise SpecError(key, f"needs the stage's {context_type!r} context: give the stage "
+                                 f"`context: {{type: {context_type}, ...}}`")
+        ctx["context_read"] = True
+    return spec
+
+
 def register(kind: str, name: str) -> Callable[[type], type]:
     if kind not in KINDS:
         raise ValueError(f"unknown registry kind {kind!r}; kinds are {KINDS}")

@@ -81,12 +81,12 @@ def _stage0(c):
 BAD = [
     ("unknown top-level key", lambda c: c.update(modle={}), "modle", "unknown key"),
     ("unknown model key", lambda c: c["model"].update(depths=[2, 2]), "model.depths", "unknown key"),
-    ("unknown block key", lambda c: c["model"]["block"].update(mlp_ration=4),
-     "model.stages[0].block.mlp_ration", "unknown key"),
+    ("unknown block key (where it is written)", lambda c: c["model"]["block"].update(mlp_ration=4),
+     "model.block.mlp_ration", "(for model.stages[0])"),
     ("unknown mixer key", lambda c: _stage0(c)["block"]["mixer"].update(kernal_size=3),
      "model.stages[0].block.mixer.kernal_size", "unknown key"),
     ("unknown mixer type", lambda c: c["model"]["block"]["mixer"].update(type="neighbourhood"),
-     "model.stages[0].block.mixer.type", "unknown mixer type"),
+     "model.block.mixer.type", "unknown mixer type"),
     ("unknown stem type", lambda c: c["model"]["stem"].update(type="conv_tokeniser"), "model.stem.type",
      "unknown stem type"),
     ("wrong type (string for int)", lambda c: _stage0(c)["block"]["mixer"].update(heads="two"),
@@ -97,7 +97,7 @@ BAD = [
     ("dim not divisible by heads", lambda c: _stage0(c)["block"]["mixer"].update(heads=3),
      "model.stages[0].block.mixer.heads", "not divisible"),
     ("even kernel size", lambda c: c["model"]["block"]["mixer"].update(kernel_size=4),
-     "model.stages[0].block.mixer.kernel_size", "odd"),
+     "model.block.mixer.kernel_size", "odd"),
     ("negative depth", lambda c: _stage0(c).update(depth=-1), "model.stages[0].depth", "positive"),
     ("cycle longer than the stage", lambda c: _stage0(c)["block"]["mixer"].update(dilation=[1, 2, 1]),
      "model.stages[0].block.mixer.dilation", "longer than the stage depth 2"),
@@ -116,9 +116,13 @@ BAD = [
      "without a downsample"),
     ("head pool unknown", lambda c: c["model"].update(head={"pool": "median"}), "model.head.pool", "one of"),
     ("activation not a choice", lambda c: c["model"]["block"].update(act="swish"),
-     "model.stages[0].block.act", "one of"),
+     "model.block.act", "one of"),
+    ("null block", lambda c: _stage0(c).update(block=[None]), "model.stages[0].block", "got null"),
+    ("empty block list", lambda c: _stage0(c).update(block=[]), "model.stages[0].block", "empty list"),
+    ("context no block reads", lambda c: _stage0(c).update(context={"type": "carrier_tokens"}),
+     "model.stages[0].context", "no block of the stage reads"),
     ("rectangular value malformed", lambda c: c["model"]["block"]["mixer"].update(kernel_size={"h": 3}),
-     "model.stages[0].block.mixer.kernel_size", "{h: ..., w: ...}"),
+     "model.block.mixer.kernel_size", "{h: ..., w: ...}"),
 ]
 
 
@@ -170,3 +174,11 @@ def test_error_in_base_names_the_base_file(tmp_path):
 def test_unknown_shipped_name():
     with pytest.raises(ConfigError, match="no such model config"):
         load_config("nat_gigantic")
+
+
+def test_yaml_reads_exponent_floats_and_refuses_repeated_keys(tmp_path):
+    text = yaml.safe_dump(GOOD).replace("mlp_ratio: 2", "mlp_ratio: 2\n    layer_scale: 1e-5")
+    assert load_config(write(tmp_path, text)).stages[0].units[0][0]["layer_scale"] == 1e-5
+    repeated = text.replace("num_classes: 10", "num_classes: 10\n  num_classes: 5")
+    with pytest.raises(ConfigError, match=r"not valid YAML: the key 'num_classes' is written twice"):
+        load_config(write(tmp_path, repeated))

@@ -134,6 +134,9 @@ def _config(**stage2):
     (dict(block={"heads": 8, "hat": False, "propagate": True}), "propagate"),
     (dict(block={"heads": 7, "hat": True}), "heads"),
     (dict(context={"type": "carrier_tokens", "ct_size": 8}), "ct_size"),
+    (dict(context={"type": "carrier_tokens", "window_size": 2, "ct_size": 1}),
+     r"block\.window_size: must equal the stage's carrier_tokens window_size 2, got 7"),
+    (dict(context={"type": "gcvit_global_query"}), "reads the stage's context as 'carrier_tokens'"),
 ])
 def test_bad_configs(stage2, match):
     with pytest.raises(ConfigError, match=match):
@@ -141,6 +144,5 @@ def test_bad_configs(stage2, match):
 
 
 def test_hat_block_without_context_is_an_error():
-    model = Backbone(_config(context=None)).eval()
-    with pytest.raises(RuntimeError, match="carrier_tokens context"):
-        model(torch.randn(1, 3, 224, 224))
+    with pytest.raises(ConfigError, match=r"model\.stages\[2\]\.block\.hat: needs the stage's 'carrier_tokens'"):
+        Backbone(_config(context=None))

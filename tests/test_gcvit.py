@@ -151,6 +151,5 @@ def test_global_query_without_context_says_so():
     raw = _tiny_raw()
     raw["model"]["stages"][0]["depth"] = 2
     del raw["model"]["stages"][1]["context"]
-    model = zoo.Backbone(raw).eval()
-    with pytest.raises(ValueError, match="needs the stage's global query"):
-        model(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ConfigError, match=r"global_query\[1\]: needs the stage's 'gcvit_global_query' context"):
+        zoo.Backbone(raw)

@@ -113,6 +113,14 @@ def test_downsample_must_stand_for_the_first_block():
         load_config(raw)
 
 
+def test_downsample_must_match_the_block_it_stands_for():
+    raw = _tiny_dict()
+    raw["model"]["downsample"] = {**raw["model"]["downsample"], "expand_ratio": 6.0}
+    with pytest.raises(ConfigError, match=r"model\.downsample\.expand_ratio: is 6\.0 but the 'mbconv' block "
+                                          r"it stands in for has 4 .*\(for model\.stages\[1\]\)"):
+        load_config(raw)
+
+
 def test_stem_width_needs_a_downsample_to_change():
     raw = _tiny_dict()
     raw["model"]["stem"]["width"] = 32

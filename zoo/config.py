@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 import typing
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -25,10 +26,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import yaml
-
 from zoo.blocks import registry
 from zoo.errors import ConfigError
+from zoo.yamlio import read_mapping
 
 TOP_KEYS = {"description", "base", "reference", "pretrained", "model"}
 MODEL_KEYS = {"in_chans", "num_classes", "img_size", "drop_rate", "drop_path_rate", "stem", "block",
@@ -58,25 +58,6 @@ def config_paths() -> Dict[str, Path]:
 
 # ----------------------------------------------------------------------------------------------
 # Loading and merging
-
-
-# libyaml's loader where PyYAML was built with it: `import zoo` parses every shipped config to
-# register it with timm, and the pure-Python loader was most of that start-up time.
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(path, "", f"cannot read file: {e.strerror or e}") from None
-    try:
-        data = yaml.load(text, Loader=_YAML_LOADER)
-    except yaml.YAMLError as e:
-        raise ConfigError(path, "", f"not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(path, "", f"a config must be a mapping at top level, got {type(data).__name__}")
-    return data
 
 
 def _find_base(name: Any, referrer: Path) -> Path:
@@ -135,7 +116,7 @@ def _load_raw(path: Path, chain: Tuple[Path, ...], prov: Dict[str, Path]) -> dic
     if path in chain:
         cycle = " -> ".join(p.name for p in chain + (path,))
         raise ConfigError(chain[-1], "base", f"base cycle: {cycle}")
-    data = _read_yaml(path)
+    data = read_mapping(path, "config")
     base_name = data.get("base")
     if base_name is None:
         return _record(copy.deepcopy(data), "", prov, path)
@@ -393,7 +374,14 @@ def load_config(source, name: Optional[str] = None) -> ModelConfig:
 
 
 def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path]) -> ModelConfig:
-    def where(keypath: str, message: str):
+    def where(keypath: str, message: str, stage: Optional[int] = None):
+        # A stage's block or downsample merges over the model-level spec: name a key where the
+        # YAML writes it, and the stage it was being resolved for.
+        inherited = re.match(r"model\.stages\[\d+\]\.(block|downsample)(?![a-z_])(.*)", keypath)
+        if inherited and not _written(raw, keypath) and _written(raw, f"model.{inherited[1]}{inherited[2]}"):
+            keypath = f"model.{inherited[1]}{inherited[2]}"
+        if stage is not None and not keypath.startswith(f"model.stages[{stage}]"):
+            message = f"{message} (for model.stages[{stage}])"
         # Name the file that set the deepest recorded prefix of this key path.
         origin, probe = file, keypath
         while probe:
@@ -452,10 +440,7 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path])
     drop_rate = typed(m, "drop_rate", "model", (int, float), 0.0, lambda v: 0 <= v < 1, "must be in [0, 1)")
     dpr = typed(m, "drop_path_rate", "model", (int, float), 0.0, lambda v: 0 <= v < 1, "must be in [0, 1)")
 
-    def where_at(path, msg):
-        where(path, msg)
-
-    stem = validate_spec("stem", m.get("stem"), "model.stem", {"in_chans": in_chans}, where=where_at)
+    stem = validate_spec("stem", m.get("stem"), "model.stem", {"in_chans": in_chans}, where=where)
     if stem is None:
         where("model.stem", "missing required key 'stem'")
     stages_raw = m.get("stages")
@@ -466,6 +451,10 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path])
     prev_dim = None
     for s, st in enumerate(stages_raw):
         sp = f"model.stages[{s}]"
+
+        def where_at(path, msg, s=s):
+            where(path, msg, stage=s)
+
         keys(st, STAGE_KEYS, sp)
         depth = typed(st, "depth", sp, int, check=lambda v: v >= 1, rule="must be a positive integer")
         dim = typed(st, "dim", sp, int, check=lambda v: v >= 1, rule="must be a positive integer")
@@ -486,32 +475,47 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path])
                 where("model.stem.width", f"the stem's width {stem['width']} differs from the first stage's "
                                           f"dim {dim}, and that stage has no downsample to change it")
         size = (-(-img_size[0] // reduction), -(-img_size[1] // reduction))
+        # The stage's context (GC-ViT's global queries, FasterViT's carrier tokens) is checked
+        # first: the blocks that read it say so through registry.read_context.
         ctx = {"dim": dim, "input_size": size, "stage": s, "img_size": img_size}
+        context = validate_spec("context", st.get("context"), f"{sp}.context", ctx, where=where_at)
+        ctx["context"] = context and _with_defaults("context", context)
         unit_raw, unit_path = _stage_blocks(m.get("block"), st.get("block"), sp)
         if unit_raw is None:
-            where(f"{sp}.block", "missing: give the stage (or the model) a block spec")
-        units = []
-        for i in range(depth):
-            units.append([validate_spec("block", spec, f"{unit_path}[{u}]" if len(unit_raw) > 1 else unit_path,
-                                        ctx, depth, i, where_at) for u, spec in enumerate(unit_raw)])
+            where_at(f"{sp}.block", "missing: give the stage (or the model) a block spec")
+        if not unit_raw:
+            where_at(unit_path, "is an empty list: give at least one block spec")
+        paths = [f"{unit_path}[{u}]" if len(unit_raw) > 1 else unit_path for u in range(len(unit_raw))]
+        for path, spec in zip(paths, unit_raw):
+            if spec is None:
+                where_at(path, "must be a block spec (a mapping with 'type'), got null")
+        units = [[validate_spec("block", spec, path, ctx, depth, i, where_at) for path, spec in zip(paths, unit_raw)]
+                 for i in range(depth)]
+        if context is not None and not ctx.get("context_read"):
+            where_at(f"{sp}.context", f"no block of the stage reads a {context['type']!r} context")
         stands_for = ds and getattr(registry.lookup("downsample", ds["type"]), "replaces_first_block", None)
         if stands_for:  # the downsampler is the first unit's first block at stride 2 (MaxViT's MBConv)
-            if units[0][0]["type"] != stands_for:
-                where(ds_path, f"downsample {ds['type']!r} stands in for the stage's first block, which must "
-                               f"be a {stands_for!r} block, not {units[0][0]['type']!r}")
+            first = units[0][0]
+            if first["type"] != stands_for:
+                where_at(ds_path, f"downsample {ds['type']!r} stands in for the stage's first block, which must "
+                                  f"be a {stands_for!r} block, not {first['type']!r}")
             if depth == 1 and len(units[0]) == 1:
-                where(ds_path, f"downsample {ds['type']!r} replaces the stage's only block")
-        context = validate_spec("context", st.get("context"), f"{sp}.context", ctx, where=where_at)
+                where_at(ds_path, f"downsample {ds['type']!r} replaces the stage's only block")
+            ds_full, first_full = _with_defaults("downsample", ds), _with_defaults("block", first)
+            for key in sorted(set(ds_full) & set(first_full) - {"type"}):
+                if ds_full[key] != first_full[key]:
+                    where_at(f"{ds_path}.{key}", f"is {ds_full[key]!r} but the {stands_for!r} block it stands in "
+                                                 f"for has {first_full[key]!r} ({paths[0]}.{key}): they must match")
         stages.append(StageConfig(depth, dim, units, ds, context, reduction, size))
         prev_dim = dim
 
-    norm = validate_spec("norm", m.get("norm"), "model.norm", {"dim": prev_dim}, where=where_at)
+    norm = validate_spec("norm", m.get("norm"), "model.norm", {"dim": prev_dim}, where=where)
     head = m.get("head") or {}
     keys(head, HEAD_KEYS, "model.head")
     pool = head.get("pool", "avg")
     if pool not in ("avg", "max", "avgmax", ""):
         where("model.head.pool", f"expected one of 'avg', 'max', 'avgmax', '', got {pool!r}")
-    head_norm = validate_spec("norm", head.get("norm"), "model.head.norm", {"dim": prev_dim}, where=where_at)
+    head_norm = validate_spec("norm", head.get("norm"), "model.head.norm", {"dim": prev_dim}, where=where)
     hidden = typed(head, "hidden_size", "model.head", (int, type(None)), None)
     typed(head, "hidden_act", "model.head", str, "tanh")
     typed(head, "drop_rate", "model.head", (int, float), 0.0, lambda v: 0 <= v < 1, "must be in [0, 1)")
@@ -522,6 +526,12 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path])
         reference=ref, pretrained=pre, description=str(raw.get("description", "")), raw=raw)
 
 
+def _with_defaults(kind: str, spec: dict) -> dict:
+    """A resolved spec with the class's defaults filled in."""
+    _, defaults, _ = _signature(registry.lookup(kind, spec["type"]))
+    return {k: v for k, v in {**defaults, **spec}.items() if k not in registry.INJECTED[kind]}
+
+
 def _downscale(kind: str, spec: dict) -> int:
     """How much a stem or downsampler divides the resolution (a class attribute, or a function of
     the spec's parameters for classes such as a patch embedding with a configurable patch)."""
@@ -530,6 +540,22 @@ def _downscale(kind: str, spec: dict) -> int:
     if fn is not None:
         return fn({k: v for k, v in spec.items() if k != "type"})
     return getattr(cls, "downscale")
+
+
+_PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def _written(raw: dict, keypath: str) -> bool:
+    """Whether the merged YAML holds this key path (``model.stages[0].block.mixer``)."""
+    node = raw
+    for name, index in _PATH_TOKEN.findall(keypath):
+        if name and isinstance(node, dict) and name in node:
+            node = node[name]
+        elif index and isinstance(node, list) and int(index) < len(node):
+            node = node[int(index)]
+        else:
+            return False
+    return True
 
 
 def _tuple(kinds):
