@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import SpecError
+from .registry import Prob, SpecError
 
 
 def check_heads(params: dict, ctx: dict, heads_key: str = "heads") -> None:
@@ -39,7 +39,7 @@ def bias_table(heads: int, window) -> nn.Parameter:
 class QKVAttention(nn.Module):
     """Channels-last input (B, H, W, C) -> q, k, v as (B, H, W, heads, head_dim); then proj."""
 
-    def __init__(self, dim: int, heads: int, qkv_bias: bool = True, proj_drop: float = 0.0):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True, proj_drop: Prob = 0.0):
         super().__init__()
         self.heads = heads
         self.head_dim = dim // heads

@@ -31,7 +31,7 @@ from torch import nn
 from ..kernels import routed_attention
 from .attention import QKVAttention, check_heads
 from .layers import NCHW, NHWC
-from .registry import SpecError, register, spec_of
+from .registry import Positive, Prob, SpecError, register, spec_of
 from .transformer import Activation, TransformerBlock
 
 
@@ -61,7 +61,7 @@ class BiLevelRoutingAttention(QKVAttention):
     layout = NHWC
 
     def __init__(self, dim: int, heads: int, n_win: int = 7, topk: int = 4, lepe_kernel: int = 5,
-                 qkv_bias: bool = True, proj_drop: float = 0.0):
+                 qkv_bias: bool = True, proj_drop: Prob = 0.0):
         super().__init__(dim, heads, qkv_bias, proj_drop)
         self.n_win = n_win
         self.topk = topk
@@ -114,7 +114,7 @@ class GlobalLePEAttention(QKVAttention):
     layout = NHWC
 
     def __init__(self, dim: int, heads: int = 8, lepe_kernel: int = 5, qkv_bias: bool = False,
-                 proj_drop: float = 0.0):
+                 proj_drop: Prob = 0.0):
         super().__init__(dim, heads, qkv_bias, proj_drop)
         self.lepe = _depthwise(dim, lepe_kernel)
 
@@ -140,9 +140,9 @@ class BiFormerBlock(TransformerBlock):
     eps 1e-6 (the authors: "important to avoid attention collapsing")."""
     layout = NCHW
 
-    def __init__(self, dim: int, mixer: spec_of("mixer"), mlp_ratio: float = 3.0, pos_kernel: int = 3,
-                 layer_scale: Optional[float] = None, act: Activation = "gelu", norm_eps: float = 1e-6,
-                 proj_drop: float = 0.0, drop_path: float = 0.0):
+    def __init__(self, dim: int, mixer: spec_of("mixer"), mlp_ratio: Positive = 3.0, pos_kernel: int = 3,
+                 layer_scale: Optional[Positive] = None, act: Activation = "gelu", norm_eps: Positive = 1e-6,
+                 proj_drop: Prob = 0.0, drop_path: float = 0.0):
         super().__init__(dim, mixer, mlp_ratio, layer_scale, act, norm_eps, proj_drop, drop_path)
         # The authors hard-code padding=1, i.e. "same" padding for their kernel of 3.
         self.pos_embed = _depthwise(dim, pos_kernel)

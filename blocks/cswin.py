@@ -28,7 +28,7 @@ from torch import nn
 from ..kernels import na2d
 from .attention import QKVAttention, check_heads
 from .layers import NHWC
-from .registry import SpecError, register
+from .registry import Prob, SpecError, register
 
 
 @register("mixer", "cswin")
@@ -36,7 +36,7 @@ class CSWinAttention(QKVAttention):
     layout = NHWC
 
     def __init__(self, dim: int, heads: int, split_size: int = 7, full: bool = False,
-                 qkv_bias: bool = True, proj_drop: float = 0.0):
+                 qkv_bias: bool = True, proj_drop: Prob = 0.0):
         super().__init__(dim, heads, qkv_bias, proj_drop)
         self.split_size = split_size
         self.full = full

@@ -57,7 +57,7 @@ from torch import nn
 from ..kernels import na2d
 from .attention import check_heads
 from .layers import NCHW, NHWC, LayerNorm2d
-from .registry import SpecError, read_context, register
+from .registry import Positive, SpecError, read_context, register
 
 CPB_HIDDEN = 512  # hidden width of the authors' positional MLPs
 
@@ -117,7 +117,7 @@ class FasterViTConvBlock(nn.Module):
     """x + conv3x3 -> BN -> GELU -> conv3x3 -> BN (times an optional layer scale)."""
     layout = NCHW
 
-    def __init__(self, dim: int, layer_scale: Optional[float] = None, drop_path: float = 0.0):
+    def __init__(self, dim: int, layer_scale: Optional[Positive] = None, drop_path: float = 0.0):
         super().__init__()
         self.conv1 = nn.Conv2d(dim, dim, 3, 1, 1)
         self.norm1 = nn.BatchNorm2d(dim)
@@ -284,8 +284,8 @@ class HATBlock(nn.Module):
     """
     layout = NHWC
 
-    def __init__(self, dim: int, heads: int, window_size: int = 7, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, layer_scale: Optional[float] = None, hat: bool = False,
+    def __init__(self, dim: int, heads: int, window_size: int = 7, mlp_ratio: Positive = 4.0,
+                 qkv_bias: bool = True, layer_scale: Optional[Positive] = None, hat: bool = False,
                  propagate: bool = False, drop_path: float = 0.0):
         super().__init__()
         self.window_size = window_size
@@ -318,10 +318,6 @@ class HATBlock(nn.Module):
         check_heads(params, ctx)
         if params["window_size"] < 1:
             raise SpecError("window_size", f"must be >= 1, got {params['window_size']}")
-        if params["mlp_ratio"] <= 0:
-            raise SpecError("mlp_ratio", f"must be > 0, got {params['mlp_ratio']}")
-        if params["layer_scale"] is not None and params["layer_scale"] <= 0:
-            raise SpecError("layer_scale", f"must be > 0 or null, got {params['layer_scale']}")
         if params["propagate"] and not params["hat"]:
             raise SpecError("propagate", "needs carrier tokens (hat: true)")
         # Every HAT block reads the stage state as carrier tokens; with hat: true there must be some.

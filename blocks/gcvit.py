@@ -35,7 +35,7 @@ from torch import nn
 from ..kernels import na2d
 from .attention import bias_table, check_heads, check_positive, pair
 from .layers import NCHW, NHWC, LayerNorm2d
-from .registry import Pair, SpecError, read_context, register
+from .registry import Pair, Positive, Prob, SpecError, read_context, register
 
 
 class MBConvSE(nn.Module):
@@ -58,7 +58,7 @@ class GCViTDownsample(nn.Module):
     layout = NCHW
     downscale = 2
 
-    def __init__(self, in_dim: int, out_dim: int, norm_eps: float = 1e-5):
+    def __init__(self, in_dim: int, out_dim: int, norm_eps: Positive = 1e-5):
         super().__init__()
         self.norm1 = LayerNorm2d(in_dim, eps=norm_eps)
         self.conv_block = MBConvSE(in_dim)
@@ -76,7 +76,7 @@ class GCViTStem(nn.Module):
     downscale = 4
     first_conv = "conv1"
 
-    def __init__(self, in_chans: int, out_dim: int, norm_eps: float = 1e-5):
+    def __init__(self, in_chans: int, out_dim: int, norm_eps: Positive = 1e-5):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, out_dim, 3, 2, 1)
         self.down = GCViTDownsample(out_dim, out_dim, norm_eps)
@@ -118,7 +118,7 @@ class GCViTWindowAttention(nn.Module):
     no_weight_decay_names = ("rpb",)
 
     def __init__(self, dim: int, heads: int, window_size: Pair = 7, global_query: bool = False,
-                 qkv_bias: bool = True, proj_drop: float = 0.0):
+                 qkv_bias: bool = True, proj_drop: Prob = 0.0):
         super().__init__()
         self.heads = heads
         self.head_dim = dim // heads

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import register
+from .registry import Positive, Prob, register
 
 NHWC, NCHW = "nhwc", "nchw"
 
@@ -30,7 +30,7 @@ class LayerNormNHWC(nn.LayerNorm):
     """LayerNorm over channels, channels-last."""
     layout = NHWC
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: Positive = 1e-5):
         super().__init__(dim, eps=eps)
 
 
@@ -38,7 +38,7 @@ class LayerNormNHWC(nn.LayerNorm):
 class LayerNormNCHW(LayerNorm2d):
     layout = NCHW
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: Positive = 1e-5):
         super().__init__(dim, eps=eps)
 
 
@@ -46,7 +46,7 @@ class LayerNormNCHW(LayerNorm2d):
 class BatchNormNCHW(nn.BatchNorm2d):
     layout = NCHW
 
-    def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1):
+    def __init__(self, dim: int, eps: Positive = 1e-5, momentum: Prob = 0.1):
         super().__init__(dim, eps=eps, momentum=momentum)
 
 
@@ -61,7 +61,7 @@ def activation(name: str) -> nn.Module:
         raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
 
 
-def norm_layer(name: str, dim: int, eps: float = 1e-5) -> nn.Module:
+def norm_layer(name: str, dim: int, eps: Positive = 1e-5) -> nn.Module:
     """A channels-last norm by name, for use inside blocks."""
     if name == "layernorm":
         return nn.LayerNorm(dim, eps=eps)

@@ -28,7 +28,7 @@ from torch import nn
 from ..kernels import na2d
 from .attention import check_heads
 from .layers import NCHW, NHWC
-from .registry import SpecError, build, register, spec_of
+from .registry import Positive, Prob, SpecError, build, register, spec_of
 
 
 @register("mixer", "hilo")
@@ -134,8 +134,8 @@ class LITv2Block(nn.Module):
     """x + mixer(norm1(x)) (when there is a mixer), then x + mlp(norm2(x)) with the DWConv FFN."""
     layout = NHWC
 
-    def __init__(self, dim: int, mixer: spec_of("mixer") = None, mlp_ratio: float = 4.0,
-                 norm_eps: float = 1e-5, proj_drop: float = 0.0, drop_path: float = 0.0):
+    def __init__(self, dim: int, mixer: spec_of("mixer") = None, mlp_ratio: Positive = 4.0,
+                 norm_eps: Positive = 1e-5, proj_drop: Prob = 0.0, drop_path: float = 0.0):
         super().__init__()
         if mixer is not None:
             self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
@@ -145,11 +145,6 @@ class LITv2Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = DWConvMlp(dim, int(dim * mlp_ratio), proj_drop)
-
-    @classmethod
-    def check(cls, params: dict, ctx: dict) -> None:
-        if params["mlp_ratio"] <= 0:
-            raise SpecError("mlp_ratio", f"must be > 0, got {params['mlp_ratio']}")
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
         if self.mixer is not None:

@@ -37,7 +37,7 @@ from torch import nn
 from ..kernels import na2d
 from .attention import QKVAttention, bias_table, check_heads, check_positive, pair
 from .layers import ACTIVATIONS, NCHW, NHWC
-from .registry import Pair, SpecError, register
+from .registry import Pair, Positive, Prob, SpecError, register
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "hardswish"]
 
@@ -59,7 +59,7 @@ class MaxViTStem(nn.Module):
     first_conv = "conv1"
 
     def __init__(self, in_chans: int, out_dim: int, width: Optional[int] = None, act: Activation = "gelu_tanh",
-                 bn_eps: float = 1e-3):
+                 bn_eps: Positive = 1e-3):
         super().__init__()
         # ``width``: the stem's own width (64 in MaxViT-T/S/B), widened by stage 0's MBConv.
         out_dim = width or out_dim
@@ -93,8 +93,8 @@ class MBConv(nn.Module):
     """Pre-norm inverted bottleneck with squeeze-excitation; stride 1 or 2 (NCHW)."""
     layout = NCHW
 
-    def __init__(self, in_dim: int, out_dim: int, stride: int, expand_ratio: float, kernel_size: int,
-                 se_ratio: float, act: str, bn_eps: float, drop_path: float):
+    def __init__(self, in_dim: int, out_dim: int, stride: int, expand_ratio: Positive, kernel_size: int,
+                 se_ratio: float, act: str, bn_eps: Positive, drop_path: float):
         super().__init__()
         hidden = _make_divisible(out_dim * expand_ratio)
         self.stride = stride
@@ -135,8 +135,6 @@ def _make_divisible(v: float, divisor: int = 8) -> int:
 
 
 def _check_mbconv(params: dict) -> None:
-    if params["expand_ratio"] <= 0:
-        raise SpecError("expand_ratio", f"must be > 0, got {params['expand_ratio']}")
     if params["kernel_size"] < 1 or params["kernel_size"] % 2 == 0:
         raise SpecError("kernel_size", f"must be odd and >= 1, got {params['kernel_size']}")
     if not 0 <= params["se_ratio"] <= 1:
@@ -147,8 +145,8 @@ def _check_mbconv(params: dict) -> None:
 class MBConvBlock(MBConv):
     """A stride-1 MBConv inside a stage (width unchanged)."""
 
-    def __init__(self, dim: int, expand_ratio: float = 4.0, kernel_size: int = 3, se_ratio: float = 0.25,
-                 act: Activation = "gelu_tanh", bn_eps: float = 1e-3, drop_path: float = 0.0):
+    def __init__(self, dim: int, expand_ratio: Positive = 4.0, kernel_size: int = 3, se_ratio: float = 0.25,
+                 act: Activation = "gelu_tanh", bn_eps: Positive = 1e-3, drop_path: float = 0.0):
         super().__init__(dim, dim, 1, expand_ratio, kernel_size, se_ratio, act, bn_eps, drop_path)
 
     @classmethod
@@ -164,8 +162,8 @@ class MBConvDownsample(MBConv):
     downscale = 2
     replaces_first_block = "mbconv"  # the block type it stands in for (checked by the config)
 
-    def __init__(self, in_dim: int, out_dim: int, expand_ratio: float = 4.0, kernel_size: int = 3,
-                 se_ratio: float = 0.25, act: Activation = "gelu_tanh", bn_eps: float = 1e-3,
+    def __init__(self, in_dim: int, out_dim: int, expand_ratio: Positive = 4.0, kernel_size: int = 3,
+                 se_ratio: float = 0.25, act: Activation = "gelu_tanh", bn_eps: Positive = 1e-3,
                  drop_path: float = 0.0):
         super().__init__(in_dim, out_dim, 2, expand_ratio, kernel_size, se_ratio, act, bn_eps, drop_path)
 
@@ -188,7 +186,7 @@ class GridAttention(QKVAttention):
     no_weight_decay_names = ("rpb",)
 
     def __init__(self, dim: int, heads: int, grid_size: Pair = 7, qkv_bias: bool = True,
-                 proj_drop: float = 0.0):
+                 proj_drop: Prob = 0.0):
         super().__init__(dim, heads, qkv_bias, proj_drop)
         self.grid_size = pair(grid_size)
         self.rpb = bias_table(heads, self.grid_size)  # in grid coordinates, as TF MaxViT's table

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..kernels import na2d
 from .attention import QKVAttention, bias_table, check_heads, pair
 from .layers import NHWC
-from .registry import Pair, SpecError, register
+from .registry import Pair, Prob, SpecError, register
 
 
 @register("mixer", "neighborhood")
@@ -21,7 +21,7 @@ class NeighborhoodAttention(QKVAttention):
     no_weight_decay_names = ("rpb",)
 
     def __init__(self, dim: int, heads: int, kernel_size: Pair = 7, dilation: Pair = 1,
-                 qkv_bias: bool = True, rel_pos_bias: bool = True, proj_drop: float = 0.0):
+                 qkv_bias: bool = True, rel_pos_bias: bool = True, proj_drop: Prob = 0.0):
         super().__init__(dim, heads, qkv_bias, proj_drop)
         self.kernel_size = pair(kernel_size)
         self.dilation = pair(dilation)

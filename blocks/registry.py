@@ -28,6 +28,28 @@ _REGISTRY: Dict[str, Dict[str, type]] = {kind: {} for kind in KINDS}
 Pair = Union[int, Tuple[int, int]]  # one int for both axes, or (height, width)
 
 
+class Range:
+    """Marker for a number confined to an interval; the config checks it before anything is built."""
+
+    def __init__(self, low: Optional[float] = None, high: Optional[float] = None, *, open_low: bool = False,
+                 open_high: bool = False):
+        self.low, self.high, self.open_low, self.open_high = low, high, open_low, open_high
+
+    def __contains__(self, v) -> bool:
+        if self.low is not None and (v <= self.low if self.open_low else v < self.low):
+            return False
+        return self.high is None or (v < self.high if self.open_high else v <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.open_low else '>='} {self.low}"
+        return f"in {'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high else ']'}"
+
+
+Prob = Annotated[float, Range(0, 1, open_high=True)]  # dropout rates, momentum
+Positive = Annotated[float, Range(0, open_low=True)]  # norm eps, width ratios, layer-scale init
+
+
 class Spec:
     """Marker for a parameter that holds a nested ``{type: ..., ...}`` spec of another kind."""
 

@@ -8,7 +8,7 @@ from timm.layers import DropPath, LayerScale, Mlp
 from torch import nn
 
 from .layers import ACTIVATIONS, NHWC
-from .registry import SpecError, build, register, spec_of
+from .registry import Positive, Prob, SpecError, build, register, spec_of
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "hardswish"]
 
@@ -17,9 +17,9 @@ Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "hardswish"]
 class TransformerBlock(nn.Module):
     layout = NHWC
 
-    def __init__(self, dim: int, mixer: spec_of("mixer"), mlp_ratio: float = 4.0,
-                 layer_scale: Optional[float] = None, act: Activation = "gelu", norm_eps: float = 1e-5,
-                 proj_drop: float = 0.0, drop_path: float = 0.0):
+    def __init__(self, dim: int, mixer: spec_of("mixer"), mlp_ratio: Positive = 4.0,
+                 layer_scale: Optional[Positive] = None, act: Activation = "gelu", norm_eps: Positive = 1e-5,
+                 proj_drop: Prob = 0.0, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.mixer = build("mixer", mixer, dim=dim)
@@ -35,10 +35,6 @@ class TransformerBlock(nn.Module):
     def check(cls, params: dict, ctx: dict) -> None:
         if params["mixer"] is None:
             raise SpecError("mixer", "a transformer block needs a mixer")
-        if params["mlp_ratio"] <= 0:
-            raise SpecError("mlp_ratio", f"must be > 0, got {params['mlp_ratio']}")
-        if params["layer_scale"] is not None and params["layer_scale"] <= 0:
-            raise SpecError("layer_scale", f"must be > 0 or null, got {params['layer_scale']}")
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
         y = self.norm1(x)

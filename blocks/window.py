@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..kernels import na2d
 from .attention import QKVAttention, bias_table, check_heads, check_positive, pair
 from .layers import NHWC
-from .registry import Pair, register
+from .registry import Pair, Prob, register
 
 
 @register("mixer", "window")
@@ -23,7 +23,7 @@ class WindowAttention(QKVAttention):
     no_weight_decay_names = ("rpb",)
 
     def __init__(self, dim: int, heads: int, window_size: Pair = 7, shift: bool = False,
-                 qkv_bias: bool = True, proj_drop: float = 0.0):
+                 qkv_bias: bool = True, proj_drop: Prob = 0.0):
         super().__init__(dim, heads, qkv_bias, proj_drop)
         self.window_size = pair(window_size)
         self.shift = shift

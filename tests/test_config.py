@@ -121,6 +121,16 @@ BAD = [
     ("empty block list", lambda c: _stage0(c).update(block=[]), "model.stages[0].block", "empty list"),
     ("context no block reads", lambda c: _stage0(c).update(context={"type": "carrier_tokens"}),
      "model.stages[0].context", "no block of the stage reads"),
+    ("rate out of range", lambda c: c["model"]["block"].update(proj_drop=5.0), "model.block.proj_drop",
+     "expected float in [0, 1)"),
+    ("norm eps not positive", lambda c: c["model"]["norm"].update(eps=-1.0), "model.norm.eps", "float > 0"),
+    ("head norm channels-last", lambda c: c["model"].update(head={"norm": {"type": "layernorm"}}),
+     "model.head.norm.type", "channels-first"),
+    ("head activation unknown", lambda c: c["model"].update(head={"hidden_size": 8, "hidden_act": "swishy"}),
+     "model.head.hidden_act", "unknown activation"),
+    ("named mean unknown", lambda c: c.update(pretrained={"mean": "imagenett"}), "pretrained.mean", "one of"),
+    ("mean without std", lambda c: c.update(pretrained={"mean": [0.5, 0.5, 0.5]}), "pretrained.std",
+     "list of 3 numbers"),
     ("rectangular value malformed", lambda c: c["model"]["block"]["mixer"].update(kernel_size={"h": 3}),
      "model.block.mixer.kernel_size", "{h: ..., w: ...}"),
 ]
@@ -182,3 +192,22 @@ def test_yaml_reads_exponent_floats_and_refuses_repeated_keys(tmp_path):
     repeated = text.replace("num_classes: 10", "num_classes: 10\n  num_classes: 5")
     with pytest.raises(ConfigError, match=r"not valid YAML: the key 'num_classes' is written twice"):
         load_config(write(tmp_path, repeated))
+
+
+def test_a_broken_config_file_is_skipped_with_a_warning(tmp_path, monkeypatch):
+    from zoo import registration
+    bad = write(tmp_path, edit(lambda c: _stage0(c)["block"]["mixer"].update(heads=3)), "broken_net.yaml")
+    monkeypatch.setattr(registration, "config_paths", lambda: {"broken_net": bad})
+    with pytest.warns(UserWarning, match=r"zoo_broken_net is not registered: .*not divisible"):
+        registration.register_all()
+    assert "zoo_broken_net" not in registration.REGISTERED
+
+
+def test_a_variant_states_its_own_figures_and_may_share_a_shipped_name(tmp_path):
+    mine = write(tmp_path, {"base": "nat_tiny", "model": {"stages": [{}, {}, {"depth": 2}, {}]}}, "nat_tiny.yaml")
+    cfg = load_config(mine)  # its base is the shipped nat_tiny, not itself
+    assert [s.depth for s in cfg.stages] == [3, 4, 2, 5]
+    assert cfg.reference == {"source": load_config("nat_tiny").reference["source"], "layout": "nat"}
+    assert cfg.description == ""
+    from_dict = load_config({"base": "nat_tiny", "model": {"num_classes": 5}})
+    assert from_dict.num_classes == 5 and [s.depth for s in from_dict.stages] == [3, 4, 18, 5]

@@ -405,6 +405,14 @@ def test_save_pretrained_loads_with_timm(tmp_path, monkeypatch):
     torch.testing.assert_close(c(x), ref)
 
 
+def test_save_pretrained_refuses_a_user_yaml_that_shares_a_registered_name(tmp_path):
+    mine = tmp_path / "nat_demo.yaml"  # a user's own nat_demo, one block shallower than the shipped one
+    mine.write_text("base: nat_demo\nmodel: {stages: [{}, {}, {depth: 1}, {}]}\n")
+    model = zoo.create_model(mine)
+    with pytest.raises(ValueError, match="shares the name zoo_nat_demo with the registered"):
+        zoo.save_pretrained(model, tmp_path / "export")
+
+
 def test_push_to_hub_uploads_the_export(tmp_path, monkeypatch):
     import huggingface_hub
     seen = {}

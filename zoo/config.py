@@ -4,7 +4,10 @@ A file is ``{description, base, reference, pretrained, model}``. ``base`` names 
 (a stem in configs/models/, or a path relative to the file); the variant states only what
 differs. Mappings merge key by key, lists of equal length merge element by element (so a variant
 can change one stage), anything else replaces; ``null`` removes a key. A spec whose ``type``
-changes replaces the base spec instead of merging with it.
+changes replaces the base spec instead of merging with it. A variant does not inherit the base's
+``description`` or reference figures (``params``, ``gmacs``, ``published``): they describe the
+base's architecture; ``reference.source`` and ``reference.layout`` (the checkpoint layout) carry
+over. A dict config may name a ``base`` too, found as from a file in the working directory.
 
 Validation reads each registered class's ``__init__`` signature (see blocks/registry.py), so a new
 block type needs no edit here. A list given to a parameter whose annotation is not a sequence is a
@@ -26,7 +29,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import get_act_layer
+
 from zoo.blocks import registry
+from zoo.blocks.layers import NCHW
 from zoo.errors import ConfigError
 from zoo.yamlio import read_mapping
 
@@ -34,12 +41,15 @@ TOP_KEYS = {"description", "base", "reference", "pretrained", "model"}
 MODEL_KEYS = {"in_chans", "num_classes", "img_size", "drop_rate", "drop_path_rate", "stem", "block",
               "downsample", "stages", "norm", "head"}
 STAGE_KEYS = {"depth", "dim", "block", "downsample", "context"}
-HEAD_KEYS = {"pool", "norm", "hidden_size", "hidden_act", "drop_rate"}
+HEAD_KEYS = {"pool", "norm", "hidden_size", "hidden_act"}
 REFERENCE_KEYS = {"params", "gmacs", "published", "source", "layout"}
 PUBLISHED_KEYS = {"params", "gmacs", "top1", "note"}
-PRETRAINED_KEYS = {"input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation", "num_classes",
-                   "license", "paper_ids", "notes"}
+PRETRAINED_KEYS = {"mean", "std", "crop_pct", "crop_mode", "interpolation", "license", "paper_ids", "notes"}
+# pretrained.mean may name a pair of (mean, std) instead of giving both as lists
+NAMED_STATS = {"imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), "inception": ((0.5,) * 3, (0.5,) * 3)}
 MIN_INPUT = 32
+# A variant inherits its base's reference source and checkpoint layout, never its figures.
+NOT_INHERITED_REFERENCE = ("params", "gmacs", "published")
 
 
 def models_dir() -> Path:
@@ -72,7 +82,7 @@ def _find_base(name: Any, referrer: Path) -> Path:
         if shipped is not None:
             candidates.append(shipped)
     for c in candidates:
-        if c.is_file():
+        if c.is_file() and c.resolve() != referrer.resolve():  # my_dir/nat_tiny.yaml may say base: nat_tiny
             return c
     raise ConfigError(referrer, "base", f"base config {name!r} does not exist (looked for "
                                         f"{', '.join(str(c) for c in candidates)})")
@@ -116,13 +126,21 @@ def _load_raw(path: Path, chain: Tuple[Path, ...], prov: Dict[str, Path]) -> dic
     if path in chain:
         cycle = " -> ".join(p.name for p in chain + (path,))
         raise ConfigError(chain[-1], "base", f"base cycle: {cycle}")
-    data = read_mapping(path, "config")
+    return _with_base(read_mapping(path, "config"), path, chain, prov)
+
+
+def _with_base(data: dict, path: Path, chain: Tuple[Path, ...], prov: Dict[str, Path]) -> dict:
+    """``data`` (read from ``path``) merged over its base, if it names one."""
     base_name = data.get("base")
     if base_name is None:
         return _record(copy.deepcopy(data), "", prov, path)
     base_path = _find_base(base_name, path)
     base = _load_raw(base_path, chain + (path,), prov)
     base.pop("base", None)
+    # The description and the reference figures describe the base's architecture, not the variant's.
+    base.pop("description", None)
+    for key in NOT_INHERITED_REFERENCE:
+        (base.get("reference") or {}).pop(key, None)
     own = {k: v for k, v in data.items() if k != "base"}
     merged = _merge(base, own, "", prov, path)
     merged["base"] = base_name
@@ -163,12 +181,18 @@ def _accepts_sequence(ann) -> bool:
     return ann in (list, tuple)
 
 
+def _ranges(ann) -> List[registry.Range]:
+    return [m for m in ann.__metadata__ if isinstance(m, registry.Range)] if _origin(ann) is typing.Annotated else []
+
+
 def _matches(value, ann) -> bool:
     if ann is inspect.Parameter.empty or ann is Any:
         return True
     if _spec_marker(ann) is not None:
         return value is None or isinstance(value, dict)
     origin = _origin(ann)
+    if origin is typing.Annotated:
+        return _matches(value, ann.__origin__) and all(value in r for r in _ranges(ann))
     if origin is typing.Union:
         return any(_matches(value, a) for a in typing.get_args(ann))
     if origin is typing.Literal:
@@ -202,6 +226,8 @@ def _describe(ann) -> str:
     if _spec_marker(ann) is not None:
         return f"a {_spec_marker(ann).kind} spec (mapping with 'type') or null"
     origin = _origin(ann)
+    if origin is typing.Annotated:
+        return " ".join([_describe(ann.__origin__)] + [str(r) for r in _ranges(ann)])
     if origin is typing.Union:
         return " or ".join(_describe(a) for a in typing.get_args(ann))
     if origin is typing.Literal:
@@ -356,7 +382,10 @@ def load_config(source, name: Optional[str] = None) -> ModelConfig:
     prov: Dict[str, Path] = {}
     if isinstance(source, dict):
         file = None
-        raw = copy.deepcopy(source)
+        # A base named in a dict is found as from a file in the working directory.
+        pseudo = Path.cwd() / "<dict>"
+        raw = _with_base(copy.deepcopy(source), pseudo, (), prov)
+        prov.update({k: None for k, v in prov.items() if v == pseudo})  # the dict's own keys
         name = name or "custom"
     else:
         p = Path(source)
@@ -423,6 +452,8 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path])
     keys(ref, REFERENCE_KEYS, "reference")
     if "published" in ref:
         keys(ref["published"], PUBLISHED_KEYS, "reference.published")
+    typed(ref, "params", "reference", (int, type(None)), None, lambda v: v is None or v > 0, "must be a positive count")
+    typed(ref, "gmacs", "reference", (int, float, type(None)), None, lambda v: v is None or v > 0, "must be positive")
     pre = raw.get("pretrained") or {}
     keys(pre, PRETRAINED_KEYS, "pretrained")
 
@@ -430,6 +461,7 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path])
     keys(m, MODEL_KEYS, "model")
     in_chans = typed(m, "in_chans", "model", int, 3, lambda v: v > 0, "must be positive")
     num_classes = typed(m, "num_classes", "model", int, 1000, lambda v: v >= 0, "must be >= 0")
+    _check_pretrained(pre, in_chans, typed, where)
     img = typed(m, "img_size", "model", (int, list), 224)
     if isinstance(img, list) and (len(img) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
                                                           for v in img)):
@@ -516,14 +548,45 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path])
     if pool not in ("avg", "max", "avgmax", ""):
         where("model.head.pool", f"expected one of 'avg', 'max', 'avgmax', '', got {pool!r}")
     head_norm = validate_spec("norm", head.get("norm"), "model.head.norm", {"dim": prev_dim}, where=where)
-    hidden = typed(head, "hidden_size", "model.head", (int, type(None)), None)
-    typed(head, "hidden_act", "model.head", str, "tanh")
-    typed(head, "drop_rate", "model.head", (int, float), 0.0, lambda v: 0 <= v < 1, "must be in [0, 1)")
-    head = {"pool": pool, "norm": head_norm, "hidden_size": hidden, "hidden_act": head.get("hidden_act", "tanh")}
+    if head_norm is not None and registry.lookup("norm", head_norm["type"]).layout != NCHW:
+        where("model.head.norm.type", f"the head's norm acts on the pooled (B, C, 1, 1) map: give a channels-first "
+                                      f"norm (layernorm2d, batchnorm2d), not {head_norm['type']!r}")
+    hidden = typed(head, "hidden_size", "model.head", (int, type(None)), None, lambda v: v is None or v >= 1,
+                   "must be a positive integer or null")
+    act = typed(head, "hidden_act", "model.head", str, "tanh")
+    try:
+        get_act_layer(act)
+    except KeyError:
+        where("model.head.hidden_act", f"unknown activation {act!r} (a name timm's get_act_layer knows, e.g. tanh)")
+    head = {"pool": pool, "norm": head_norm, "hidden_size": hidden, "hidden_act": act}
     return ModelConfig(
         name=name, file=file, in_chans=in_chans, num_classes=num_classes, img_size=img_size,
         drop_rate=float(drop_rate), drop_path_rate=float(dpr), stem=stem, stages=stages, norm=norm, head=head,
         reference=ref, pretrained=pre, description=str(raw.get("description", "")), raw=raw)
+
+
+def _check_pretrained(pre: dict, in_chans: int, typed, where) -> None:
+    """The preprocessing keys timm's data config reads from the pretrained_cfg."""
+    mean, std = pre.get("mean", "imagenet"), pre.get("std")
+    if isinstance(mean, str):
+        if mean not in NAMED_STATS:
+            where("pretrained.mean", f"expected one of {sorted(NAMED_STATS)} or a list of {in_chans} numbers, "
+                                     f"got {mean!r}")
+        if std is not None:
+            where("pretrained.std", f"comes with the named mean {mean!r}; give both as lists to set them")
+    else:
+        for key, v in (("mean", mean), ("std", std)):
+            if not (isinstance(v, list) and len(v) == in_chans and all(
+                    isinstance(e, (int, float)) and not isinstance(e, bool) for e in v)):
+                where(f"pretrained.{key}", f"expected a list of {in_chans} numbers (one per input channel), got {v!r}")
+        if min(std) <= 0:
+            where("pretrained.std", f"must be positive, got {std!r}")
+    typed(pre, "crop_pct", "pretrained", (int, float), None, lambda v: 0 < v <= 1, "must be in (0, 1]")
+    typed(pre, "crop_mode", "pretrained", str, None, lambda v: v in ("center", "squash", "border"),
+          "must be one of 'center', 'squash', 'border'")
+    typed(pre, "interpolation", "pretrained", str, None,
+          lambda v: v in ("bicubic", "bilinear", "nearest", "random"), "must be one of 'bicubic', 'bilinear', "
+                                                                     "'nearest', 'random'")
 
 
 def _with_defaults(kind: str, spec: dict) -> dict:

@@ -40,8 +40,9 @@ def save_pretrained(model: torch.nn.Module, save_dir, data_config: Optional[dict
                     label_names=None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (+ the model YAML) into ``save_dir``.
 
-    Load it back with ``timm.create_model("local-dir:<save_dir>")``, from the Hub with
-    ``timm.create_model("hf-hub:<repo>")`` after ``push_to_hub``, or with
+    Load it back with ``timm.create_model("local-dir:<save_dir>", pretrained=True)`` (without
+    ``pretrained=True`` timm builds the architecture with random weights), from the Hub with
+    ``timm.create_model("hf-hub:<repo>", pretrained=True)`` after ``push_to_hub``, or with
     ``timm.create_model(<architecture>, pretrained=True, pretrained_cfg_overlay=dict(file=<save_dir>/model.safetensors))``.
     """
     from timm.models import save_for_hf
@@ -49,6 +50,14 @@ def save_pretrained(model: torch.nn.Module, save_dir, data_config: Optional[dict
     if arch.startswith("zoo_") and arch not in REGISTERED:
         raise ValueError(f"{arch} is not a registered zoo model: timm could not rebuild it from config.json. "
                          f"Put its YAML under configs/models/ (registered as zoo_<file stem>).")
+    cfg = getattr(model, "cfg", None)
+    if arch in REGISTERED and cfg is not None:
+        from zoo.config import load_config
+        if load_config(REGISTERED[arch]).raw["model"] != cfg.raw["model"]:
+            raise ValueError(f"the model was built from {cfg.file or 'a dict'}, which shares the name {arch} with "
+                             f"the registered {REGISTERED[arch]} but not its architecture: timm would rebuild the "
+                             f"registered one from config.json. Give your YAML a name of its own and put it under "
+                             f"configs/models/.")
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     model_config = {}

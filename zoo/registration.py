@@ -6,22 +6,22 @@ the pretrained configs are collected here before the entrypoints are registered.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import timm
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, register_model
 from timm.models._registry import _model_entrypoints, generate_default_cfgs
 
 from zoo.backbone import Backbone
 from zoo.blocks import lookup
 from zoo.checkpoint import read_state_dict
-from zoo.config import MIN_INPUT, ModelConfig, config_paths, load_config
+from zoo.config import MIN_INPUT, NAMED_STATS, ModelConfig, config_paths, load_config
 from zoo.convert import convert_checkpoint
+from zoo.errors import ConfigError
 
 PREFIX = "zoo_"
-MEANS = {"imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), "inception": ((0.5,) * 3, (0.5,) * 3)}
 default_cfgs = {}
 REGISTERED = {}
 
@@ -31,7 +31,7 @@ def pretrained_cfg_for(cfg: ModelConfig) -> dict:
     p = cfg.pretrained
     mean, std = p.get("mean", "imagenet"), p.get("std")
     if isinstance(mean, str):
-        mean, std = MEANS[mean]
+        mean, std = NAMED_STATS[mean]
     first_conv = getattr(lookup("stem", cfg.stem["type"]), "first_conv", "proj")
     h, w = cfg.img_size
     out = dict(
@@ -72,16 +72,23 @@ def _entrypoint(name: str, path: Path):
 
 
 def register_all() -> None:
+    """Register every config under configs/models/. A broken file is skipped with a warning naming
+    its error, so that one bad YAML dropped there does not break ``import zoo``."""
     paths = config_paths()
     cfgs = {}
     for stem, path in paths.items():
         name = PREFIX + stem
         if name in _model_entrypoints and _model_entrypoints[name].__module__ != __name__:
             raise RuntimeError(f"{name} is already a timm model; zoo never shadows timm's names")
-        cfgs[name] = pretrained_cfg_for(load_config(path, name=name))
+        try:
+            cfgs[name] = pretrained_cfg_for(load_config(path, name=name))
+        except ConfigError as e:
+            warnings.warn(f"zoo: {name} is not registered: {e}", stacklevel=2)
     default_cfgs.update(generate_default_cfgs(cfgs))
     for stem, path in paths.items():
         name = PREFIX + stem
+        if name not in cfgs:
+            continue
         fn = _entrypoint(name, path)
         setattr(sys.modules[__name__], name, fn)
         register_model(fn)
