@@ -156,8 +156,16 @@ def check_axis_args(
             raise ValueError(f"window_offset must be in [0, kernel_size){where}, got {offset}")
 
 
+def traced_int(x):
+    """A size as the Python int it holds: ``torch.jit.trace`` hands shapes over as 0-d tensors."""
+    if isinstance(x, Tensor) and x.dim() == 0 and not x.is_floating_point() and x.dtype != torch.bool:
+        return int(x)
+    return x
+
+
 def _pair(value, name: str, allow_none: bool = False) -> Tuple:
     """An int (or None) for both axes, or one per axis (height, width)."""
+    value = [traced_int(v) for v in value] if isinstance(value, (tuple, list)) else traced_int(value)
 
     def ok(x):
         return (x is None and allow_none) or (isinstance(x, int) and not isinstance(x, bool))

@@ -31,10 +31,15 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .neighborhood import traced_int
+
 __all__ = ["routed_attention"]
 
 
 def _region_pair(region_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    if isinstance(region_size, (tuple, list)):
+        region_size = [traced_int(s) for s in region_size]
+    region_size = traced_int(region_size)
     if isinstance(region_size, int) and not isinstance(region_size, bool):
         region_size = (region_size, region_size)
     if (not isinstance(region_size, (tuple, list)) or len(region_size) != 2

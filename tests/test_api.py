@@ -42,6 +42,8 @@ def test_forward_features_head_and_intermediates(model):
         assert [t.shape[-2:] for t in inter] == [(24, 32), (12, 16), (6, 8), (3, 4)]
         nhwc = model.forward_intermediates(x, indices=[1], output_fmt="NHWC", intermediates_only=True)
         assert len(nhwc) == 1 and nhwc[0].shape == (2, 12, 16, 128)
+        early, inter = model.forward_intermediates(x, indices=[1], stop_early=True)
+        assert early.shape == (2, 128, 12, 16) and torch.equal(early, inter[0])  # NCHW, as forward_features
 
 
 def test_features_only_gives_strides_4_to_32():
@@ -97,6 +99,15 @@ def test_user_yaml_through_zoo_create_model(tmp_path):
     assert m.pretrained_cfg["input_size"] == (3, 224, 224)
     feats = zoo.create_model(str(path), features_only=True)
     assert feats.feature_info.reduction() == [4, 8, 16, 32]
+
+
+def test_create_model_device_dtype_and_bad_keyword_values():
+    m = timm.create_model(NAME, device="meta", dtype=torch.bfloat16)
+    assert {(p.device.type, p.dtype) for p in m.parameters()} == {("meta", torch.bfloat16)}
+    for kw, words in [(dict(drop_path_rate=1.5), r"drop_path_rate must be a float in \[0, 1\), got 1.5"),
+                      (dict(num_classes=-3), "num_classes must be an int >= 0, got -3")]:
+        with pytest.raises(ValueError, match=words):
+            timm.create_model("zoo_nat_demo", **kw)
 
 
 def test_unknown_model_name():

@@ -102,6 +102,19 @@ def test_other_num_classes_keeps_the_body(tmp_path):
     torch.testing.assert_close(model.stem.proj.weight, ref.patch_embed.proj.weight)
 
 
+def test_other_in_chans_and_no_classifier_load_as_timm_does(tmp_path):
+    path = _save(_timm_swin("tiny").state_dict(), tmp_path / "s.safetensors")
+    rgb = _load("zoo_swin_tiny", path)
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        # timm folds the RGB filters of the first conv into one channel: a grey image, same logits
+        torch.testing.assert_close(_load("zoo_swin_tiny", path, in_chans=1)(x), rgb(x.expand(-1, 3, -1, -1)),
+                                   atol=1e-4, rtol=0)
+        x = x.expand(-1, 3, -1, -1)
+        torch.testing.assert_close(_load("zoo_swin_tiny", path, num_classes=0)(x),
+                                   rgb.forward_head(rgb.forward_features(x), pre_logits=True))
+
+
 def _bad_checkpoint(kind, d):
     if kind == "missing":
         return str(d / "missing.safetensors")
@@ -138,7 +151,11 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path, kind, words):
         assert str(path) in str(info.value)
 
 
-def test_wrong_variant_names_the_mismatched_shapes(tmp_path):
-    path = _save(timm.create_model("zoo_nat_mini").state_dict(), tmp_path / "mini.safetensors")
-    with pytest.raises(CheckpointError, match=r"does not fit zoo_nat_small .*shape mismatch"):
-        _load("zoo_nat_small", path)
+@pytest.mark.parametrize("source,target,words", [
+    ("zoo_nat_mini", "zoo_nat_small", "shape mismatch"),
+    ("zoo_gcvit_xtiny", "zoo_gcvit_xxtiny", "unexpected"),  # more blocks: the converter must not trip on them
+])
+def test_wrong_variant_names_the_mismatched_keys(tmp_path, source, target, words):
+    path = _save(timm.create_model(source).state_dict(), tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match=rf"does not fit {target} .*{words}"):
+        _load(target, path)

@@ -1,6 +1,7 @@
-"""Every family exports with torch.export and to ONNX at a fixed size, and onnxruntime agrees
-with PyTorch (fp32, atol 1e-4). Reduced-width configs (tests/configs/tiny_*.yaml) keep CI cheap;
+"""Every family exports with torch.export, torch.jit.trace and to ONNX at a fixed size, and
+onnxruntime agrees with PyTorch (fp32, atol 1e-4). Reduced-width configs (tests/configs/tiny_*.yaml) keep CI cheap;
 the input is non-square and not a multiple of any window, so the padding paths are exported too."""
+import warnings
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,10 @@ def test_export_torch_and_onnx(family, tmp_path):
     with torch.no_grad():
         want = model(x)
         assert (program.module()(x) - want).abs().max().item() < 1e-5
+        with warnings.catch_warnings():  # the tracer warns of every size it freezes
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(model, x)  # what timm's (TorchScript) onnx_export runs
+        assert (traced(x) - want).abs().max().item() < 1e-5
     path = export_onnx(program, tmp_path / f"{family}.onnx")  # from the program: traced once
     diff, out = check_onnx(model, path, x)
     print(f"{family}: onnxruntime vs PyTorch max |diff| {diff:.2e}")

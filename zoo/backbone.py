@@ -1,6 +1,7 @@
 """The one model class: stem -> stages -> norm -> head, speaking timm's model API."""
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -69,7 +70,8 @@ class Backbone(nn.Module):
 
     def __init__(self, cfg: Union[ModelConfig, str, dict], num_classes: Optional[int] = None,
                  in_chans: Optional[int] = None, global_pool: Optional[str] = None,
-                 drop_rate: Optional[float] = None, drop_path_rate: Optional[float] = None):
+                 drop_rate: Optional[float] = None, drop_path_rate: Optional[float] = None,
+                 device=None, dtype: Optional[torch.dtype] = None):
         super().__init__()
         if not isinstance(cfg, ModelConfig):
             cfg = load_config(cfg)
@@ -79,7 +81,22 @@ class Backbone(nn.Module):
         drop_rate = cfg.drop_rate if drop_rate is None else drop_rate
         drop_path_rate = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
         global_pool = cfg.head["pool"] if global_pool is None else global_pool
+        # create_model's keyword arguments, checked as the config checks its own keys
+        for key, v, ok, rule in (
+                ("num_classes", self.num_classes, lambda v: v >= 0, "an int >= 0"),
+                ("in_chans", self.in_chans, lambda v: v >= 1, "a positive int"),
+                ("drop_rate", drop_rate, lambda v: 0 <= v < 1, "a float in [0, 1)"),
+                ("drop_path_rate", drop_path_rate, lambda v: 0 <= v < 1, "a float in [0, 1)")):
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if not (number and (isinstance(v, int) or key.endswith("rate")) and ok(v)):
+                raise ValueError(f"{cfg.name}: {key} must be {rule}, got {v!r}")
+        # timm's device/dtype: build there (device='meta' allocates nothing), then cast
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self._build(cfg, drop_rate, drop_path_rate, global_pool)
+        if dtype is not None:
+            self.to(dtype=dtype)
 
+    def _build(self, cfg: ModelConfig, drop_rate: float, drop_path_rate: float, global_pool: str) -> None:
         self.stem = build("stem", cfg.stem, in_chans=self.in_chans, out_dim=cfg.stages[0].dim)
         total = sum(s.depth for s in cfg.stages)
         # Plain floats, not torch.linspace: models are also built on the meta device to be measured.
@@ -178,8 +195,8 @@ class Backbone(nn.Module):
                 feats.append(y if output_fmt == "NCHW" else y.permute(0, 2, 3, 1))
         if intermediates_only:
             return feats
-        if i == last:
-            x = self._final_norm(x, layout)
+        # After the last stage the final norm; after an early stop the stage output, NCHW either way.
+        x = self._final_norm(x, layout) if i == last else to_layout(x, layout, NCHW)
         return x, feats
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,

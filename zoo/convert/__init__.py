@@ -39,16 +39,29 @@ def convert_checkpoint(state_dict: dict, model: torch.nn.Module) -> dict:
             if layout not in CONVERTERS:
                 raise CheckpointError(f"{model.cfg.name}: no converter for layout {layout!r}; "
                                       f"known: {sorted(CONVERTERS)}")
-            out = CONVERTERS[layout](sd, model)
-    _check_fits(out, expected, model.cfg.name, layout)
+            try:
+                out = CONVERTERS[layout](sd, model)
+            except (KeyError, AttributeError, IndexError, ValueError, RuntimeError) as e:
+                raise CheckpointError(f"checkpoint does not fit {model.cfg.name}: converting it from layout "
+                                      f"{layout!r} failed ({type(e).__name__}: {e})") from e
+    first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    _check_fits(out, expected, model.cfg.name, layout, first_conv and f"{first_conv}.weight")
     return out
 
 
-def _check_fits(sd: dict, expected: dict, name: str, layout: str) -> None:
+def _check_fits(sd: dict, expected: dict, name: str, layout: str, first_conv: str = None) -> None:
+    """Every key of the model's body is there with its shape. The head may differ (timm drops or
+    re-initialises a classifier of another size) and so may the first conv's input channels
+    (timm adapts it to ``in_chans`` after this filter)."""
+    def fits(k):
+        a, b = tuple(sd[k].shape), tuple(expected[k].shape)
+        if k == first_conv and len(a) == len(b) == 4:
+            return a[:1] + a[2:] == b[:1] + b[2:]
+        return a == b
+
     missing = sorted(k for k in expected if k not in sd and not k.startswith("head."))
-    unexpected = sorted(k for k in sd if k not in expected)
-    wrong = sorted(k for k in sd if k in expected and not k.startswith("head.")
-                   and tuple(sd[k].shape) != tuple(expected[k].shape))
+    unexpected = sorted(k for k in sd if k not in expected and not k.startswith("head."))
+    wrong = sorted(k for k in sd if k in expected and not k.startswith("head.") and not fits(k))
     if missing or unexpected or wrong:
         parts = []
         if missing:
