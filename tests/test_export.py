@@ -43,8 +43,9 @@ def test_export_torch_and_onnx(family, tmp_path):
     with torch.no_grad():
         want = model(x)
         assert (program.module()(x) - want).abs().max().item() < 1e-5
-        with warnings.catch_warnings():  # the tracer warns of every size it freezes
+        with warnings.catch_warnings():  # of every size it freezes, and that it is deprecated
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", FutureWarning)
             traced = torch.jit.trace(model, x)  # what timm's (TorchScript) onnx_export runs
         assert (traced(x) - want).abs().max().item() < 1e-5
     path = export_onnx(program, tmp_path / f"{family}.onnx")  # from the program: traced once
