@@ -31,6 +31,7 @@ test: install-test
 # a small NAT trained by the demo recipe, then evaluated on the held-out split.
 demo: install
 	$(PY) -m zoo.demo data/digits
+	rm -rf runs/demo  # a new run refuses a directory that holds an earlier run's checkpoints
 	$(PY) train.py configs/train/demo.yaml
 	$(PY) eval.py zoo_nat_demo --checkpoint runs/demo/best --data data/digits
 

@@ -5,12 +5,13 @@
     python train.py configs/train/nat_tiny.yaml --set data.root=/data/imagenet --set train.batch_size=512
     torchrun --nproc_per_node 8 train.py configs/train/swin_tiny.yaml --set data.root=/data/imagenet
     python train.py configs/train/demo.yaml --resume            # continue runs/<recipe>/last
+    python train.py configs/train/demo.yaml --resume runs/mine  # continue that run, in that directory
 """
 import argparse
 import sys
 
-from zoo.engine import NonFiniteLossError, format_validation, train
-from zoo.errors import CheckpointError, ConfigError
+from zoo.engine import format_validation, train
+from zoo.errors import CheckpointError, ConfigError, DataError, TrainingStopped
 from zoo.recipe import load_recipe
 
 
@@ -19,7 +20,8 @@ def main(argv=None) -> int:
     p.add_argument("recipe", help="recipe YAML (configs/train/*.yaml) or a shipped recipe name")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe key (value read as YAML); repeatable")
-    p.add_argument("--output", help="run directory (default: output.dir or runs/<recipe name>)")
+    p.add_argument("--output", help="run directory (default: the run --resume names, else output.dir or "
+                                    "runs/<recipe name>); a new run refuses a directory holding checkpoints")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a checkpoint: a run directory or checkpoint folder "
                         "(no value: the run directory's last checkpoint)")
@@ -28,9 +30,11 @@ def main(argv=None) -> int:
     try:
         recipe = load_recipe(a.recipe, a.overrides)
         summary = train(recipe, out_dir=a.output, resume=a.resume, progress=False if a.no_progress else None)
-    except (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, DataError, TrainingStopped, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if not summary["main"]:  # under torchrun, rank 0 reports
+        return 0
     if summary.get("best_checkpoint"):
         val = summary["best_val"]
         print(f"best checkpoint: {summary['best_checkpoint']}" + (f"  ({format_validation(val)})" if val else ""))

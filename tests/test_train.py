@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,13 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import zoo
 from zoo import snapshot
 from zoo.engine import NonFiniteLossError, evaluate_folder, format_validation, train
-from zoo.errors import CheckpointError, ConfigError
+from zoo.errors import CheckpointError, ConfigError, DataError, TrainingStopped
+from zoo.metrics import read_jsonl
 from zoo.recipe import list_recipes, load_recipe, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +104,12 @@ def test_lr_scales_with_batch():
     ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8}\naugment: {hflip: 1.5}", "augment.hflip",
      "probability"),
     ("train: {epochs: 1, batch_size: 8}", "model", "missing required key 'model.name'"),
-    ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 7}", "train.batch_size", "even"),
+    ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8}\noptimizer: {name: adamww}", "optimizer.name", "unknown optimizer 'adamww'"),
+    ("model: {name: zoo_nat_nope}\ntrain: {epochs: 1, batch_size: 8}", "model.name", "unknown model"),
+    ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8}\noptimizer: {lr: .inf}", "optimizer.lr", "finite"),
+    ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8}\noptimizer: {betas: [0.9, 1.5]}", "optimizer.betas", "each in [0, 1)"),
+    ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8}\nschedule: {name: step}", "schedule.decay_epochs", "the step schedule needs it"),
+    ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8}\nruntime: {device: gpu}", "runtime.device", "must be auto, cpu, cuda"),
     ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8, accum_steps: 3}", "train.accum_steps",
      "divide"),
     ("model: {name: zoo_nat_tiny}\noptimiser: {lr: 1}\ntrain: {epochs: 1, batch_size: 8}", "optimiser",
@@ -199,6 +208,71 @@ def test_resume_continues_exactly(folder, tmp_path):
         assert torch.equal(pa["exp_avg"], pb["exp_avg"])
 
 
+def _lrs(run_dir):
+    return {r["update"]: r["lr"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if r["kind"] == "train"}
+
+
+def test_resume_follows_the_changed_recipe_and_trims_the_log(folder, tmp_path):
+    # 6 updates per epoch. A 2-epoch run that went on to update 8 is continued from its update-4
+    # checkpoint as a 3-epoch run with EMA switched on: the lrs after the resume are the 3-epoch
+    # cosine's, the log holds each update once, and the EMA starts from the resumed weights.
+    keep = {"train.save_every_steps": 4, "output.keep_last": 3}
+    train(tiny(folder, **{"train.epochs": 3}), out_dir=tmp_path / "straight")
+    train(tiny(folder, **{"train.max_steps": 8, **keep}), out_dir=tmp_path / "b")
+    four = tmp_path / "b/checkpoints/update-00000004"
+    start = snapshot.read_weights(four)
+    summary = train(tiny(folder, **{"train.epochs": 3, "train.max_steps": 9, "ema.enabled": True, **keep}),
+                    resume=str(four))
+    assert Path(summary["run_dir"]) == (tmp_path / "b").resolve()  # --resume <checkpoint> writes into its run
+    rows = [r["update"] for r in read_jsonl(tmp_path / "b/metrics.jsonl") if r["kind"] == "train"]
+    assert rows == list(range(1, 10))
+    assert _lrs(tmp_path / "b")[9] == pytest.approx(_lrs(tmp_path / "straight")[9])
+    ema = snapshot.read_weights((tmp_path / "b/last").resolve(), ema=True)
+    k = "stages.1.blocks.0.mlp.fc1.weight"
+    assert (ema[k] - start[k]).abs().max() < 1e-3 < (weights(tmp_path / "b")[k] - start[k]).abs().max()
+
+
+def test_a_new_run_keeps_out_of_an_earlier_runs_directory(folder, tmp_path):
+    train(tiny(folder, **{"train.max_steps": 1}), out_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match="holds the checkpoints of an earlier run.*pass --resume"):
+        train(tiny(folder, **{"train.max_steps": 1}), out_dir=tmp_path / "run")
+    assert (tmp_path / "run/checkpoints/update-00000001").is_dir()
+
+
+def _copy_folder(folder, tmp_path, edit):
+    root = tmp_path / "data"
+    shutil.copytree(folder, root)
+    edit(root)
+    return root
+
+
+@pytest.mark.parametrize("edit,sets,error,words", [
+    (lambda r: shutil.rmtree(r / "val/class1"), {}, DataError, r"only in train: \['class1'\]"),
+    (lambda r: [p.unlink() for p in (r / "train/class2").iterdir()], {}, DataError, r"without images: \['class2'\]"),
+    (lambda r: None, {"data.val_split": "valid"}, DataError, "valid does not exist"),
+    (lambda r: None, {"model.num_classes": 2}, ConfigError, "model.num_classes: is 2 but"),
+    (lambda r: None, {"train.batch_size": 30}, ConfigError, "larger than the training set"),
+])
+def test_data_that_does_not_fit_is_refused_before_training(folder, tmp_path, edit, sets, error, words):
+    root = _copy_folder(folder, tmp_path, edit)
+    with pytest.raises(error, match=words):
+        train(tiny(root, **sets), out_dir=tmp_path / "run")
+    assert not (tmp_path / "run/checkpoints").exists()
+
+
+def test_pretrained_file_must_fit(folder, tmp_path):
+    other = tmp_path / "resnet.safetensors"
+    save_file(timm.create_model("resnet10t").state_dict(), str(other))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        train(tiny(folder, **{"model.pretrained_file": str(other), "train.max_steps": 1}), out_dir=tmp_path / "a")
+    source = timm.create_model("zoo_nat_demo")  # 10 classes: its head is dropped, the body loads
+    save_file(source.state_dict(), str(tmp_path / "demo.safetensors"))
+    train(tiny(folder, **{"model.pretrained_file": str(tmp_path / "demo.safetensors"), "train.max_steps": 1,
+                          "optimizer.lr": 1e-12}), out_dir=tmp_path / "b")
+    k = "stages.0.blocks.0.mixer.qkv.weight"
+    torch.testing.assert_close(weights(tmp_path / "b")[k], source.state_dict()[k], atol=1e-6, rtol=0)
+
+
 def test_crash_mid_save_keeps_last_good(folder, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(tiny(folder, **{"train.max_steps": 2}), out_dir=out)
@@ -213,7 +287,7 @@ def test_crash_mid_save_keeps_last_good(folder, tmp_path, monkeypatch):
         return real(path, data)
 
     monkeypatch.setattr(snapshot, "atomic_write_bytes", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(TrainingStopped, match=r"disk full\. Last good checkpoint: .*update-00000002"):
         train(tiny(folder, **{"train.max_steps": 4}), out_dir=out, resume="auto")
     assert (out / "last").resolve() == good
     after = weights(out)
@@ -356,6 +430,28 @@ def test_eval_matches_training_validation(trained, folder, capsys):
                      "--workers", "0"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["top1"] == pytest.approx(meta["metrics"]["ema_top1"])  # best_weights: the EMA
+
+
+def test_eval_says_which_weights_and_refuses_what_does_not_fit(trained, folder):
+    out, _ = trained
+    best = (out / "best").resolve()
+    raw = evaluate_folder("zoo_nat_demo", folder, checkpoint=best, ema=False, progress=False)
+    # a weights file of a checkpoint is read with its checkpoint's data config and classes
+    from_file = evaluate_folder("zoo_nat_demo", folder, checkpoint=best / "model.safetensors", progress=False)
+    assert [from_file[k] for k in ("count", "top1", "loss")] == [raw[k] for k in ("count", "top1", "loss")]
+    for kw, words in [(dict(model_name="resnet18", checkpoint=best), "checkpoint is of 'zoo_nat_demo', not 'resnet18'"),
+                      (dict(model_name="zoo_nat_demo", checkpoint=None), "no weights to download")]:
+        with pytest.raises(CheckpointError, match=words):
+            evaluate_folder(root=folder, progress=False, **kw)
+
+
+def test_dangling_last_names_the_checkpoints_that_remain(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run, symlinks=True)
+    (run / "last").unlink()
+    (run / "last").symlink_to("checkpoints/update-99999999")
+    with pytest.raises(CheckpointError, match=r"last points to .*which is missing; the checkpoints there: \['update-"):
+        snapshot.resolve(run)
 
 
 def test_eval_timm_model(folder):

@@ -118,6 +118,29 @@ def image_folder(root, split: Optional[str] = None, transform=None):
     return ds
 
 
+def check_classes(root, train_split: str, train_ds, val_split: Optional[str], val_ds) -> List[str]:
+    """The training classes, after checking that the folders make a classification data set: at
+    least two classes, none of them empty (timm's reader skips an empty folder, which would shift
+    every later label), and the same classes in the validation split."""
+    from zoo.errors import DataError
+    train_dir = Path(root) / train_split
+    classes = class_names(train_ds)
+    folders = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    empty = [f for f in folders if f not in classes]
+    if empty:
+        raise DataError(f"{train_dir}: class folder(s) without images: {empty[:5]}")
+    if len(classes) < 2:
+        raise DataError(f"{train_dir}: found {len(classes)} class folder(s) with images; an ImageFolder holds "
+                        f"one sub-folder of images per class, at least two")
+    if val_ds is not None:
+        val = class_names(val_ds)
+        if val != classes:
+            only_train, only_val = sorted(set(classes) - set(val)), sorted(set(val) - set(classes))
+            raise DataError(f"{Path(root) / val_split}: its classes differ from {train_dir}'s (only in train: "
+                            f"{only_train[:5]}, only in val: {only_val[:5]}); labels would not match")
+    return classes
+
+
 def class_names(ds) -> List[str]:
     reader = getattr(ds, "reader", None)
     mapping = getattr(reader, "class_to_idx", None) or {}

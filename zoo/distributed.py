@@ -43,7 +43,8 @@ def setup(device: str = "auto") -> Dist:
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        # NCCL for CUDA tensors and gloo beside it for the CPU ones (evaluation's counts, RNG states)
+        dist.init_process_group(backend="cuda:nccl,cpu:gloo" if dev.type == "cuda" else "gloo")
     return Dist(rank, world, local, dev)
 
 

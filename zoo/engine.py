@@ -18,12 +18,12 @@ from torch import nn
 from zoo import data as zdata
 from zoo import distributed as zdist
 from zoo import snapshot
-from zoo.errors import CheckpointError
+from zoo.errors import CheckpointError, ConfigError, DataError, TrainingStopped
 from zoo.metrics import MetricLog, plot_curves
 from zoo.recipe import Recipe
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingStopped):
     """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
 
 
@@ -130,6 +130,12 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
 
     R = recipe
     rt, tr, aug, opt_cfg, sch = R.runtime, R.train, R.augment, R.optimizer, R.schedule
+    if rt.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(R.file, "runtime.device", f"is {rt.device!r} but torch sees no CUDA device")
+    run_dir = _run_dir(R, out_dir, resume)
+    if not resume and snapshot.has_checkpoints(run_dir):
+        raise ConfigError("--output", str(run_dir), "holds the checkpoints of an earlier run, which a new run "
+                                                    "would prune: pass --resume to continue it, or another --output")
     dist = zdist.setup(rt.device)
     device = dist.device
     try:
@@ -142,19 +148,32 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
             torch.backends.cudnn.benchmark = False
         elif device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        run_dir = Path(out_dir or R.output.dir or Path("runs") / R.name)
         show = dist.is_main and (tr.progress if progress is None else progress)
+        shares = dist.world_size * tr.accum_steps
+        if tr.batch_size % shares:
+            raise ConfigError(R.file, "train.batch_size", f"{tr.batch_size} does not split into {dist.world_size} "
+                                                          f"processes x {tr.accum_steps} accum_steps")
+        micro = tr.batch_size // shares
+        if (aug.mixup or aug.cutmix) and micro % 2:
+            raise ConfigError(R.file, "train.batch_size", f"mixup/cutmix pair the samples of a micro-batch: "
+                                                          f"batch_size / (processes x accum_steps) = {micro} must be even")
 
         # ---- data
         if not R.data.root:
             raise FileNotFoundError("data.root is not set: give an ImageFolder root with train/ and val/ "
                                     "(--set data.root=PATH)")
         train_raw = zdata.image_folder(R.data.root, R.data.train_split)
-        classes = zdata.class_names(train_raw)
         val_raw = None
-        if R.data.val_split and (Path(R.data.root) / R.data.val_split).is_dir():
+        if R.data.val_split:
+            if not (Path(R.data.root) / R.data.val_split).is_dir():
+                raise DataError(f"{Path(R.data.root) / R.data.val_split} does not exist: set data.val_split to the "
+                                f"validation folder, or to null to train without validation")
             val_raw = zdata.image_folder(R.data.root, R.data.val_split)
+        classes = zdata.check_classes(R.data.root, R.data.train_split, train_raw, R.data.val_split, val_raw)
         num_classes = R.model.num_classes or len(classes)
+        if num_classes < len(classes):
+            raise ConfigError(R.file, "model.num_classes", f"is {num_classes} but {R.data.root} has "
+                                                           f"{len(classes)} classes")
 
         # ---- model (same seed on every rank; DDP also broadcasts rank 0's weights)
         _seed_all(tr.seed)
@@ -163,12 +182,7 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
         model_name = R.model_path()
         model = build_model(model_name, **overrides)
         if R.model.pretrained_file:
-            from zoo.checkpoint import read_state_dict
-            sd = read_state_dict(R.model.pretrained_file)
-            head = [k for k in sd if k.startswith("head.fc.")]
-            if head and sd[head[0]].shape[0] != num_classes:
-                sd = {k: v for k, v in sd.items() if not k.startswith("head.fc.")}
-            model.load_state_dict(sd, strict=False)
+            load_initial_weights(model, R.model.pretrained_file)
         model_yaml = None
         if hasattr(model, "cfg") and getattr(model.cfg, "raw", None):
             model_yaml = snapshot.model_yaml(model.cfg.raw, {k: v for k, v in overrides.items()})
@@ -184,12 +198,11 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
             val_raw.transform = zdata.eval_transform(dcfg)
             val_set = zdata.SeededDataset(val_raw, tr.seed)
 
+        if tr.batch_size > len(train_set):
+            raise ConfigError(R.file, "train.batch_size", f"{tr.batch_size} is larger than the training set "
+                                                          f"({len(train_set)} images)")
         sampler = zdata.UpdateSampler(len(train_set), tr.batch_size, dist.world_size, dist.rank, tr.accum_steps,
                                       tr.seed)
-        if sampler.updates_per_epoch == 0:
-            raise ValueError(f"train.batch_size {tr.batch_size} is larger than the training set "
-                             f"({len(train_set)} images)")
-        micro = tr.batch_size // (dist.world_size * tr.accum_steps)
         pin = R.data.pin_memory and device.type == "cuda"
         train_loader = zdata.loader(train_set, sampler, R.data.workers, pin)
         val_loader = None
@@ -217,7 +230,8 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
         scheduler, total_epochs = create_scheduler_v2(
             optimizer, sched=sch.name, num_epochs=tr.epochs, warmup_epochs=warmup_epochs, warmup_lr=sch.warmup_lr,
             min_lr=sch.min_lr, cooldown_epochs=sch.cooldown_epochs, step_on_epochs=sch.step_on == "epoch",
-            updates_per_epoch=upe)
+            decay_epochs=sch.decay_epochs or 0, decay_milestones=sch.decay_milestones or (),
+            decay_rate=sch.decay_rate, updates_per_epoch=upe)
         scaler = torch.amp.GradScaler(device.type) if rt.amp == "fp16" else None
         ema = ModelEmaV3(model, decay=R.ema.decay, use_warmup=R.ema.warmup) if R.ema.enabled else None
 
@@ -237,13 +251,18 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
                 raise CheckpointError(f"{snap}: checkpoint is of {meta.get('architecture')!r}, the recipe trains "
                                       f"{architecture!r}")
             state = snapshot.read_train_state(snap)
+            changed = _recipe_changes(state.get("recipe"), R.to_dict(), snap)
             snapshot.load_into(model, snapshot.read_weights(snap), snap / snapshot.WEIGHTS)
             if ema is not None:
                 if (snap / snapshot.EMA_WEIGHTS).is_file():
                     snapshot.load_into(ema.module, snapshot.read_weights(snap, ema=True), snap / snapshot.EMA_WEIGHTS)
+                else:  # EMA switched on at resume: it starts from the resumed weights
+                    ema = ModelEmaV3(model, decay=R.ema.decay, use_warmup=R.ema.warmup)
+            # The schedule is not restored but rebuilt from this recipe (timm's schedules are functions
+            # of the update count): a longer run or a new lr takes effect, and an unchanged recipe
+            # gives the same lrs.
             try:
                 optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
                 if scaler is not None and state.get("scaler"):
                     scaler.load_state_dict(state["scaler"])
             except (KeyError, ValueError, RuntimeError) as e:
@@ -256,6 +275,8 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
             snapshot.set_rng_state(rng)
             if dist.is_main:
                 print(f"resumed from {snap} at epoch {start_epoch}, update {num_updates}", file=sys.stderr)
+                if changed:
+                    print("with recipe changes: " + "; ".join(changed), file=sys.stderr)
         else:
             # per-rank stream for drop path etc. (rank 0 keeps the plain seed: 1 process == rank 0)
             _seed_all(tr.seed + dist.rank)
@@ -268,6 +289,8 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
             train_model = torch.compile(train_model)
 
         log = MetricLog(run_dir / "metrics.jsonl" if dist.is_main else None)
+        if resume:
+            log.drop_after(num_updates)  # what was logged after the checkpoint is trained again
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             import yaml
@@ -292,7 +315,7 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
                     "best_weights": snapshot.EMA_WEIGHTS if (ema is not None and R.ema.select_best)
                     else snapshot.WEIGHTS,
                     "versions": {"torch": torch.__version__, "timm": _timm_version()}}
-            train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            train_state = {"optimizer": optimizer.state_dict(), "recipe": R.to_dict(),
                            "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
                            "update_in_epoch": update_in_epoch, "num_updates": num_updates, "rng": states,
                            "best": best}
@@ -303,17 +326,12 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
                           train_state=train_state, link=("last", "best") if is_best else ("last",),
                           keep_last=R.output.keep_last)
 
-        def last_good():
-            p = run_dir / "last"
-            return str(p.resolve()) if p.exists() else "none (no checkpoint was written yet)"
-
         amp = rt.amp
         for epoch in range(start_epoch, total_epochs):
             first = start_update if epoch == start_epoch else 0
             sampler.set_epoch(epoch, first)
             scheduler.step(epoch)
-            if first:
-                scheduler.step_update(num_updates)
+            scheduler.step_update(num_updates)
             train_model.train()
             bar = None
             if show:
@@ -348,15 +366,16 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
                 if not last_micro:
                     continue
                 micro_i = 0
-                # every rank must agree before anyone steps
-                flag = torch.tensor([0.0 if math.isfinite(loss_acc) else 1.0])
-                zdist.all_reduce_sum(flag, dist)
-                if flag.item() > 0:
+                # every rank must agree before anyone steps; the logged loss is the mean over ranks
+                flag = torch.tensor([0.0 if math.isfinite(loss_acc) else 1.0, loss_acc], device=device)
+                flag = zdist.all_reduce_sum(flag, dist).tolist()
+                loss_acc = flag[1] / dist.world_size
+                if flag[0] > 0:
                     if bar is not None:
                         bar.close()
                     raise NonFiniteLossError(
                         f"loss is {loss_acc} at epoch {epoch + 1}, update {num_updates + 1}: stopping. "
-                        f"Last good checkpoint: {last_good()} (lower optimizer.lr, set optimizer.clip_grad, "
+                        f"Last good checkpoint: {_last_good(run_dir)} (lower optimizer.lr, set optimizer.clip_grad, "
                         f"or try runtime.amp=bf16 instead of fp16)")
                 if scaler is not None:
                     scaler.unscale_(optimizer)
@@ -424,13 +443,80 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
             plot = plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
         zdist.barrier(dist)
         best_dir = (run_dir / "best").resolve() if (run_dir / "best").exists() else None
-        return {"run_dir": str(run_dir), "num_updates": num_updates, "last": last_val, "best": best,
+        return {"run_dir": str(run_dir), "main": dist.is_main, "num_updates": num_updates, "last": last_val,
+                "best": best,
                 "plot": str(plot) if plot else None,
                 "best_checkpoint": str(best_dir) if best_dir else None,
                 # what was measured when the best checkpoint was saved (empty without validation)
                 "best_val": snapshot.read_meta(best_dir).get("metrics", {}) if best_dir else {}}
+    except FileNotFoundError:
+        raise  # data that is not there: said before anything ran
+    except (KeyboardInterrupt, OSError) as e:  # Ctrl-C, a full disk: what survives is the last checkpoint
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+        raise TrainingStopped(f"{what}. Last good checkpoint: {_last_good(run_dir)} (continue with --resume)") from e
     finally:
         zdist.cleanup(dist)
+
+
+def _last_good(run_dir: Path) -> str:
+    p = run_dir / "last"
+    return str(p.resolve()) if p.exists() else "none (no checkpoint was written yet)"
+
+
+def _run_dir(R: Recipe, out_dir, resume) -> Path:
+    """--output, else the run that --resume names, else output.dir or runs/<recipe name>."""
+    if out_dir:
+        return Path(out_dir)
+    if resume not in (None, True, "auto"):
+        snap = snapshot.resolve(resume)
+        if snap.parent.name == "checkpoints":  # <run>/checkpoints/<tag>
+            return snap.parent.parent
+    return Path(R.output.dir or Path("runs") / R.name)
+
+
+# Recipe keys a resumed run must keep: they fix which samples each update sees.
+_FIXED_ON_RESUME = ("train.batch_size", "train.accum_steps", "train.seed")
+
+
+def _recipe_changes(old: Optional[dict], new: dict, snap: Path) -> list:
+    """``section.key: old -> new`` for what the resumed recipe changes; CheckpointError if it changes
+    a key that fixes the data order. Checkpoints written before recipes were stored: nothing to compare."""
+    if not old:
+        return []
+    changed = []
+    for sec, keys in new.items():
+        if not isinstance(keys, dict):
+            continue
+        for k, v in keys.items():
+            before = (old.get(sec) or {}).get(k, v)
+            if before != v:
+                if f"{sec}.{k}" in _FIXED_ON_RESUME:
+                    raise CheckpointError(f"{snap}: the recipe changes {sec}.{k} ({before!r} -> {v!r}), which fixes "
+                                          f"the order of the samples; a resumed run keeps it (start a new run from "
+                                          f"these weights with model.pretrained_file)")
+                changed.append(f"{sec}.{k}: {before!r} -> {v!r}")
+    return changed
+
+
+def load_initial_weights(model: nn.Module, path) -> None:
+    """model.pretrained_file: weights to start from, converted from the authors' layout for zoo
+    models. Every key of the body must fit; a classifier of another size is left as initialised."""
+    from zoo.checkpoint import read_state_dict
+    sd = read_state_dict(path)
+    if hasattr(model, "cfg"):
+        from zoo.convert import convert_checkpoint
+        sd = convert_checkpoint(sd, model)  # names the keys that do not fit
+    heads = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head.fc"
+    heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,)
+    own = model.state_dict()
+    for k in [k for k in sd if k.startswith(heads)]:
+        if k not in own or sd[k].shape != own[k].shape:
+            del sd[k]
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith(heads)]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: does not fit the model ({len(missing)} missing, e.g. {missing[:3]}; "
+                              f"{len(unexpected)} unexpected, e.g. {unexpected[:3]})")
 
 
 def _timm_version() -> str:
@@ -444,18 +530,25 @@ def _timm_version() -> str:
 def load_for_eval(model: str, checkpoint=None, ema: Optional[bool] = None):
     """(model, data config or None, meta or None) for a zoo name/YAML with an optional checkpoint
     directory, or a timm name (``checkpoint`` may then be a weights file)."""
-    if checkpoint is not None and Path(checkpoint).is_dir():
-        snap = snapshot.resolve(checkpoint)
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and ckpt.is_file() and (ckpt.parent / snapshot.META).is_file():
+        # a weights file of a training checkpoint: read it with its checkpoint's metadata
+        if ema is None:
+            ema = ckpt.name == snapshot.EMA_WEIGHTS
+        ckpt = ckpt.parent
+    if ckpt is not None and ckpt.is_dir():
+        snap = snapshot.resolve(ckpt)
         meta = snapshot.read_meta(snap)
+        arch = meta.get("architecture")
+        if arch and not model.endswith((".yaml", ".yml")) and arch not in (model, "zoo_" + model):
+            raise CheckpointError(f"{snap}: checkpoint is of {arch!r}, not {model!r}")
         yaml_file = snap / snapshot.MODEL_YAML
         source = str(yaml_file) if yaml_file.is_file() else model
         net = build_model(source, num_classes=meta.get("num_classes"))
-        if is_zoo(model) and meta.get("architecture") and model.startswith("zoo_") \
-                and meta["architecture"] != model:
-            raise CheckpointError(f"{snap}: checkpoint is of {meta['architecture']!r}, not {model!r}")
-        use_ema = (meta.get("best_weights") == snapshot.EMA_WEIGHTS) if ema is None else ema
-        if use_ema and not (snap / snapshot.EMA_WEIGHTS).is_file():
-            use_ema = False
+        has_ema = (snap / snapshot.EMA_WEIGHTS).is_file()
+        if ema and not has_ema:
+            raise CheckpointError(f"{snap}: --ema asked for, but the checkpoint has no EMA weights")
+        use_ema = (meta.get("best_weights") == snapshot.EMA_WEIGHTS and has_ema) if ema is None else ema
         name = snapshot.EMA_WEIGHTS if use_ema else snapshot.WEIGHTS
         snapshot.load_into(net, snapshot.read_weights(snap, ema=use_ema), snap / name)
         dc = meta.get("data_config")
@@ -471,7 +564,10 @@ def load_for_eval(model: str, checkpoint=None, ema: Optional[bool] = None):
         net = build_model(model, pretrained=True, num_classes=n,
                           pretrained_cfg_overlay=dict(file=str(checkpoint), state_dict=sd, num_classes=n))
         return net, None, None
-    return build_model(model, pretrained=not is_zoo(model)), None, None
+    if is_zoo(model):
+        raise CheckpointError(f"{model}: zoo models have no weights to download; give --checkpoint (a training "
+                              f"checkpoint, a run directory or a weights file)")
+    return build_model(model, pretrained=True), None, None
 
 
 def evaluate_folder(model_name: str, root, split: Optional[str] = "val", checkpoint=None, batch_size: int = 64,
@@ -484,9 +580,12 @@ def evaluate_folder(model_name: str, root, split: Optional[str] = "val", checkpo
     elif img_size:
         dcfg["input_size"] = (dcfg["input_size"][0], img_size, img_size)
     ds = zdata.image_folder(root, split, transform=zdata.eval_transform(dcfg))
-    if meta and meta.get("classes") and zdata.class_names(ds) != meta["classes"]:
-        raise ValueError(f"the classes of {root}/{split} ({len(zdata.class_names(ds))}) differ from the "
-                         f"checkpoint's ({len(meta['classes'])})")
+    classes = zdata.class_names(ds)
+    if meta and meta.get("classes") and classes != meta["classes"]:
+        raise DataError(f"the classes of {root}/{split} ({len(classes)}) differ from the "
+                        f"checkpoint's ({len(meta['classes'])})")
+    if getattr(model, "num_classes", len(classes)) != len(classes):
+        raise DataError(f"{root}/{split} has {len(classes)} classes, the model {model.num_classes} outputs")
     model.to(dev)
     dl = zdata.loader(zdata.SeededDataset(ds, 0), zdata.ShardSampler(len(ds), batch_size), workers,
                       dev.type == "cuda")

@@ -14,3 +14,12 @@ class ConfigError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be read or does not fit the model. The message names the file."""
+
+
+class DataError(ValueError):
+    """The images on disk do not make a data set the run can use (classes missing, empty, unmatched)."""
+
+
+class TrainingStopped(RuntimeError):
+    """A run stopped before its end (interrupted, a write failed, the loss diverged). The message
+    says why and names the last good checkpoint, from which ``--resume`` continues."""

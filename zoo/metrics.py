@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -12,6 +13,15 @@ class MetricLog:
         self.path = Path(path) if path is not None else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def drop_after(self, update: int) -> None:
+        """Forget the records of updates after ``update`` (a run resumed from an older checkpoint)."""
+        if self.path is None or not self.path.is_file():
+            return
+        keep = [r for r in read_jsonl(self.path) if r.get("update", 0) <= update]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in keep))
+        os.replace(tmp, self.path)
 
     def write(self, **record) -> None:
         if self.path is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -44,7 +45,8 @@ def _pair(v):
 
 
 def _triple(v):
-    return isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, NUM) for x in v)
+    return isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, NUM) and not isinstance(x, bool)
+                                                              for x in v)
 
 
 # section -> key -> (types, default, check or None, rule shown when the check fails)
@@ -68,14 +70,15 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
         "train_interpolation": (str, "random", lambda v: v in ("random", "bicubic", "bilinear", "nearest"),
                                 "must be random, bicubic, bilinear or nearest"),
         "mean": ((list, OPT), None, lambda v: v is None or _triple(v), "must be a list of 3 numbers"),
-        "std": ((list, OPT), None, lambda v: v is None or _triple(v), "must be a list of 3 numbers"),
+        "std": ((list, OPT), None, lambda v: v is None or (_triple(v) and min(v) > 0),
+                "must be a list of 3 positive numbers"),
         "workers": (int, 4, _nonneg, "must be >= 0"),
         "pin_memory": (bool, True, None, ""),
     },
     "augment": {
         "no_aug": (bool, False, None, ""),  # train on the eval transform (tests, debugging)
-        "scale": (list, [0.08, 1.0], _pair, "must be [min, max]"),
-        "ratio": (list, [0.75, 1.3333333333333333], _pair, "must be [min, max]"),
+        "scale": (list, [0.08, 1.0], lambda v: _pair(v) and 0 < v[0] <= v[1] <= 1, "must be [min, max] in (0, 1]"),
+        "ratio": (list, [0.75, 1.3333333333333333], lambda v: _pair(v) and 0 < v[0] <= v[1], "must be [min, max]"),
         "hflip": (NUM, 0.5, _prob, "must be a probability in [0, 1]"),
         "vflip": (NUM, 0.0, _prob, "must be a probability in [0, 1]"),
         "color_jitter": ((NUM, OPT), 0.4, lambda v: v is None or v >= 0, "must be >= 0"),
@@ -108,7 +111,8 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
         "lr_base_size": (int, 1024, _positive, "must be positive"),
         "lr_base_scale": (str, "linear", lambda v: v in ("linear", "sqrt"), "must be linear or sqrt"),
         "weight_decay": (NUM, 0.05, _nonneg, "must be >= 0"),
-        "betas": ((list, OPT), None, lambda v: v is None or _pair(v), "must be [beta1, beta2]"),
+        "betas": ((list, OPT), None, lambda v: v is None or (_pair(v) and all(0 <= b < 1 for b in v)),
+                  "must be [beta1, beta2], each in [0, 1)"),
         "eps": ((NUM, OPT), None, lambda v: v is None or v > 0, "must be positive"),
         "momentum": (NUM, 0.9, _nonneg, "must be >= 0"),
         "layer_decay": ((NUM, OPT), None, lambda v: v is None or 0 < v <= 1, "must be in (0, 1]"),
@@ -116,8 +120,13 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
         "clip_mode": (str, "norm", lambda v: v in ("norm", "value", "agc"), "must be norm, value or agc"),
     },
     "schedule": {
-        "name": (str, "cosine", lambda v: v in ("cosine", "step", "multistep", "plateau", "tanh", "poly", "const"),
-                 "must be one of cosine, step, multistep, plateau, tanh, poly, const"),
+        # timm's schedules that are functions of the update count (plateau needs a metric: not offered)
+        "name": (str, "cosine", lambda v: v in ("cosine", "step", "multistep", "tanh", "poly", "const"),
+                 "must be one of cosine, step, multistep, tanh, poly, const"),
+        "decay_epochs": ((NUM, OPT), None, lambda v: v is None or v > 0, "must be positive"),  # step
+        "decay_milestones": ((list, OPT), None, lambda v: v is None or (v and all(
+            isinstance(e, int) and not isinstance(e, bool) and e > 0 for e in v)), "must be a list of epochs"),
+        "decay_rate": (NUM, 0.1, lambda v: 0 < v <= 1, "must be in (0, 1]"),  # step, multistep
         "warmup_epochs": (NUM, 0, _nonneg, "must be >= 0"),
         "warmup_steps": ((int, OPT), None, lambda v: v is None or v >= 0, "must be >= 0"),  # wins over epochs
         "warmup_lr": (NUM, 1e-6, _nonneg, "must be >= 0"),
@@ -132,7 +141,8 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
         "select_best": (bool, True, None, ""),  # best checkpoint judged on the EMA weights
     },
     "runtime": {
-        "device": (str, "auto", None, ""),  # auto, cpu, cuda
+        "device": (str, "auto", lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v) is not None,
+                   "must be auto, cpu, cuda, cuda:N or mps"),
         "amp": ((str, OPT), None, lambda v: v in (None, "bf16", "fp16"), "must be bf16, fp16 or null"),
         "channels_last": (bool, False, None, ""),
         "grad_checkpointing": (bool, False, None, ""),
@@ -319,6 +329,8 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: dict) -> Recipe:
                 ok = isinstance(v, kinds)
             if not ok:
                 fail(kp, f"expected {'/'.join('null' if t is OPT else t.__name__ for t in kinds)}, got {v!r}")
+            if isinstance(v, float) and not math.isfinite(v):
+                fail(kp, f"must be a finite number, got {v!r}")
             if check is not None and not check(v):
                 fail(kp, f"{rule}, got {v!r}")
             out[k] = v
@@ -329,14 +341,32 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: dict) -> Recipe:
     if sections["schedule"]["warmup_epochs"] >= t["epochs"] and sections["schedule"]["warmup_steps"] is None:
         fail("schedule.warmup_epochs", f"must be shorter than train.epochs ({t['epochs']}), "
                                        f"got {sections['schedule']['warmup_epochs']}")
-    if a["mixup"] or a["cutmix"]:
-        if (t["batch_size"] // t["accum_steps"]) % 2:
-            fail("train.batch_size", "mixup/cutmix pair samples in a batch: batch_size / accum_steps must be even")
+    sch = sections["schedule"]
+    for schedule, key in (("step", "decay_epochs"), ("multistep", "decay_milestones")):
+        if sch["name"] == schedule and sch[key] is None:
+            fail(f"schedule.{key}", f"the {schedule} schedule needs it (the epochs at which the lr decays)")
+    opt = sections["optimizer"]["name"]
+    from timm.optim import list_optimizers
+    if opt.lower().removeprefix("lookahead_") not in list_optimizers():
+        fail("optimizer.name", f"unknown optimizer {opt!r} (timm.optim.list_optimizers(): adamw, sgd, lamb, ...)")
+    _check_model_name(sections["model"]["name"], file, fail)
     ra = a["auto_augment"]
     if ra is not None and not ra.startswith(("rand", "augmix", "original", "v0", "3a", "trivial")):
         fail("augment.auto_augment", f"expected a timm auto-augment spec such as 'rand-m9-mstd0.5-inc1', got {ra!r}")
     return Recipe(name=name, file=file, sections=sections, description=str(raw.get("description", "")),
                   reference=raw.get("reference"))
+
+
+def _check_model_name(name: str, file: Optional[Path], fail) -> None:
+    """A zoo name, a model YAML (relative to the recipe or the working directory) or a timm name."""
+    if name.endswith((".yaml", ".yml")):
+        here = [Path(name)] + ([file.parent / name] if file is not None else [])
+        if not any(p.is_file() for p in here):
+            fail("model.name", f"model config {name!r} does not exist (looked for {', '.join(map(str, here))})")
+        return
+    import timm
+    if not timm.is_model(name):
+        fail("model.name", f"unknown model {name!r}: a zoo name (python -m zoo list), a model YAML or a timm name")
 
 
 def _flat(types) -> tuple:

@@ -177,6 +177,12 @@ def _prune(run_dir: Path, keep_last: int) -> None:
             shutil.rmtree(s, ignore_errors=True)
 
 
+def has_checkpoints(run_dir: Path) -> bool:
+    """Whether a run directory holds snapshots (a new run there would prune them)."""
+    ckpts = Path(run_dir) / "checkpoints"
+    return ckpts.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in ckpts.iterdir())
+
+
 def resolve(path) -> Path:
     """A snapshot directory from itself, a run directory (its ``last``), or a weights file's folder."""
     p = Path(path)
@@ -188,6 +194,10 @@ def resolve(path) -> Path:
         return p.resolve()
     if (p / "last").exists():
         return (p / "last").resolve()
+    if (p / "last").is_symlink():
+        found = sorted(c.name for c in (p / "checkpoints").glob("update-*")) if (p / "checkpoints").is_dir() else []
+        raise CheckpointError(f"{p}/last points to {os.readlink(p / 'last')}, which is missing; the checkpoints "
+                              f"there: {found or 'none'} (pass one of them, {p}/checkpoints/<name>)")
     raise CheckpointError(f"{p}: not a zoo checkpoint (no {META} or {WEIGHTS}; expected a run directory "
                           f"or one of its checkpoints/ folders)")
 
