@@ -296,6 +296,34 @@ def test_crash_mid_save_keeps_last_good(folder, tmp_path, monkeypatch):
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
 
 
+def test_sigterm_checkpoints_the_update_and_resume_continues_exactly(folder, tmp_path, monkeypatch):
+    import signal
+
+    import zoo.engine as engine
+    real, calls = engine._criterion, {"n": 0}
+
+    def preempted_at_third_update(recipe, mixup_on):
+        base = real(recipe, mixup_on)
+
+        def loss(out, target):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # what a cluster sends before it kills the job
+            return base(out, target)
+        return loss
+
+    train(tiny(folder, **{"train.max_steps": 5}), out_dir=tmp_path / "straight")
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(engine, "_criterion", preempted_at_third_update)
+    with pytest.raises(TrainingStopped, match=r"stopped by SIGTERM after update 3, which is saved: .*update-00000003"):
+        train(tiny(folder, **{"train.max_steps": 5}), out_dir=tmp_path / "b")
+    assert signal.getsignal(signal.SIGTERM) is handler  # the run's handler is gone with it
+    monkeypatch.setattr(engine, "_criterion", real)
+    train(tiny(folder, **{"train.max_steps": 5}), out_dir=tmp_path / "b", resume="auto")
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
     f = tmp_path / "x.bin"
     snapshot.atomic_write_bytes(f, b"good")
@@ -402,7 +430,8 @@ def test_two_processes_match_one(folder, tmp_path):
     train(tiny(folder, **extra), out_dir=tmp_path / "one")
     sets = [f"--set={k}={'null' if v is None else v}" for k, v in {**extra, "data.root": str(folder), "train.batch_size": 4,
                                            "train.epochs": 2, "schedule.warmup_epochs": 0, "runtime.threads": 1,
-                                           "runtime.deterministic": True, "output.plot": False}.items()]
+                                           "runtime.deterministic": True, "output.plot": False,
+                                           "train.log_every": 1}.items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", str(ROOT / "train.py"), str(ROOT / "configs/train/demo.yaml"),
@@ -412,8 +441,13 @@ def test_two_processes_match_one(folder, tmp_path):
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=1e-6, msg=lambda m: f"{k}: {m}")
-    # rank 0 alone wrote: one snapshot per save, one metrics file
+    # rank 0 alone wrote: one snapshot per save, one metrics file, and reported once
     assert len(list((tmp_path / "two/checkpoints").iterdir())) == 1
+    assert res.stdout.count("run directory:") == 1
+    # the logged loss is the whole batch's (the mean over ranks), as with one process
+    def first_loss(run):
+        return next(r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train")
+    assert first_loss(tmp_path / "two") == pytest.approx(first_loss(tmp_path / "one"), rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ eval / bench / hub

@@ -138,6 +138,10 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
                                                     "would prune: pass --resume to continue it, or another --output")
     dist = zdist.setup(rt.device)
     device = dist.device
+    # SIGTERM (a cluster's preemption notice) asks for a checkpoint at the end of the current
+    # update; Ctrl-C stops at once and keeps the last checkpoint.
+    terminate = []
+    restore = _on_sigterm(lambda: terminate.append(True))
     try:
         if rt.threads:
             torch.set_num_threads(rt.threads)
@@ -297,7 +301,7 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
             (run_dir / "recipe.yaml").write_text(yaml.safe_dump(R.to_dict(), sort_keys=False))
         max_steps = tr.max_steps
         last_val: Dict[str, float] = {}
-        stopped = False
+        stopped = terminated = False
 
         def save(epoch, update_in_epoch, metrics, is_best=False):
             states = [snapshot.rng_state()]
@@ -367,7 +371,8 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
                     continue
                 micro_i = 0
                 # every rank must agree before anyone steps; the logged loss is the mean over ranks
-                flag = torch.tensor([0.0 if math.isfinite(loss_acc) else 1.0, loss_acc], device=device)
+                flag = torch.tensor([0.0 if math.isfinite(loss_acc) else 1.0, loss_acc, float(bool(terminate))],
+                                    device=device)
                 flag = zdist.all_reduce_sum(flag, dist).tolist()
                 loss_acc = flag[1] / dist.world_size
                 if flag[0] > 0:
@@ -402,6 +407,9 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
                               epoch_float=epoch + update_in_epoch / upe, loss=loss_acc, lr=cur_lr,
                               images_per_s=ips)
                 loss_acc = 0.0
+                if flag[2] > 0:  # SIGTERM on some rank: checkpoint this update, then stop
+                    stopped = terminated = True
+                    break
                 if max_steps is not None and num_updates >= max_steps:
                     stopped = True
                     break
@@ -442,6 +450,9 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
         if dist.is_main and R.output.plot:
             plot = plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
         zdist.barrier(dist)
+        if terminated:
+            raise TrainingStopped(f"stopped by SIGTERM after update {num_updates}, which is saved: "
+                                  f"{_last_good(run_dir)} (continue with --resume)")
         best_dir = (run_dir / "best").resolve() if (run_dir / "best").exists() else None
         return {"run_dir": str(run_dir), "main": dist.is_main, "num_updates": num_updates, "last": last_val,
                 "best": best,
@@ -455,7 +466,18 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
         raise TrainingStopped(f"{what}. Last good checkpoint: {_last_good(run_dir)} (continue with --resume)") from e
     finally:
+        restore()
         zdist.cleanup(dist)
+
+
+def _on_sigterm(callback):
+    """Call ``callback`` on SIGTERM (main thread only); returns what puts the old handler back."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: callback())
+    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 def _last_good(run_dir: Path) -> str:
