@@ -43,9 +43,10 @@ class NeighborhoodAttention(QKVAttention):
         size = ctx.get("input_size")
         if size is not None:
             for axis, k, d, n in zip("HW", pair(params["kernel_size"]), pair(params["dilation"]), size):
-                if k * d > n:
-                    raise SpecError("dilation", f"kernel {k} x dilation {d} = {k * d} exceeds the {n}-token "
-                                                f"feature map ({axis}) at the model's img_size")
+                if k * d > n:  # name the parameter to change: the kernel itself when it alone is too big
+                    raise SpecError("dilation" if k <= n else "kernel_size",
+                                    f"kernel {k} x dilation {d} = {k * d} exceeds the {n}-token feature map "
+                                    f"({axis}) at the model's img_size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape

@@ -5,9 +5,15 @@ The parameters a YAML spec may set are read from the class's ``__init__`` signat
 annotations drive validation, and the names in ``INJECTED`` are supplied by the builder (never by
 YAML). A class may add a ``check(cls, params, ctx)`` classmethod for rules that span several
 parameters (dim divisible by heads, kernel fits the feature map); it raises ``SpecError``.
+
+``register`` checks the contract the builder relies on, so that a user's class fails where it is
+registered rather than inside a model: a ``layout`` class attribute ("nhwc" or "nchw", the token
+layout it reads and writes), the injected ``__init__`` parameters, and for blocks a
+``forward(x, ctx)`` (ctx: the stage's context state, or None).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Annotated, Callable, Dict, Optional, Tuple, Union
 
 KINDS = ("stem", "downsample", "block", "mixer", "norm", "context")
@@ -100,6 +106,7 @@ def register(kind: str, name: str) -> Callable[[type], type]:
         raise ValueError(f"unknown registry kind {kind!r}; kinds are {KINDS}")
 
     def deco(cls: type) -> type:
+        _check_contract(kind, name, cls)
         table = _REGISTRY[kind]
         if name in table and table[name] is not cls:
             raise ValueError(f"{kind} {name!r} registered twice ({table[name].__qualname__}, {cls.__qualname__})")
@@ -108,6 +115,22 @@ def register(kind: str, name: str) -> Callable[[type], type]:
         return cls
 
     return deco
+
+
+def _check_contract(kind: str, name: str, cls: type) -> None:
+    problems = []
+    if getattr(cls, "layout", None) not in ("nhwc", "nchw"):
+        problems.append("a class attribute `layout` (blocks.layers.NHWC or NCHW)")
+    injected = set(INJECTED[kind])
+    if kind == "downsample" and not getattr(cls, "replaces_first_block", None):
+        injected.discard("drop_path")  # only a downsampler standing in for a block gets one
+    missing = sorted(injected - set(inspect.signature(cls.__init__).parameters))
+    if missing:
+        problems.append(f"__init__ parameters {missing} (the builder passes them)")
+    if kind == "block" and len(inspect.signature(cls.forward).parameters) < 3:
+        problems.append("forward(self, x, ctx) (ctx: the stage's context state, or None)")
+    if problems:
+        raise TypeError(f"{kind} {name!r} ({cls.__qualname__}) cannot be registered: it needs " + "; ".join(problems))
 
 
 def lookup(kind: str, name: str) -> type:

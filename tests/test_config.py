@@ -211,3 +211,47 @@ def test_a_variant_states_its_own_figures_and_may_share_a_shipped_name(tmp_path)
     assert cfg.description == ""
     from_dict = load_config({"base": "nat_tiny", "model": {"num_classes": 5}})
     assert from_dict.num_classes == 5 and [s.depth for s in from_dict.stages] == [3, 4, 18, 5]
+
+
+def test_a_mixer_of_your_own_needs_no_edit_to_the_builder(tmp_path):
+    import torch
+    from torch import nn
+
+    from zoo.blocks import register
+    from zoo.blocks.registry import SpecError
+
+    @register("mixer", "test_depthwise_conv")
+    class DepthwiseConvMixer(nn.Module):
+        layout = "nhwc"
+
+        def __init__(self, dim: int, kernel_size: int = 3):
+            super().__init__()
+            self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+
+        @classmethod
+        def check(cls, params, ctx):
+            if params["kernel_size"] % 2 == 0:
+                raise SpecError("kernel_size", "must be odd")
+
+        def forward(self, x):
+            return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    mine = edit(lambda c: c["model"]["block"].update(mixer={"type": "test_depthwise_conv", "kernel_size": 5}))
+    for stage in mine["model"]["stages"]:
+        stage.pop("block")
+    model = zoo.create_model(write(tmp_path, mine)).eval()
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+    mine["model"]["block"]["mixer"]["kernel_size"] = 4
+    with pytest.raises(ConfigError, match=r"model\.block\.mixer\.kernel_size: must be odd"):
+        load_config(write(tmp_path, mine))
+
+    class NoLayoutNoCtx(nn.Module):
+        def __init__(self, width: int):
+            super().__init__()
+
+        def forward(self, x):
+            return x
+
+    with pytest.raises(TypeError, match=r"needs a class attribute `layout`.*__init__ parameters \['dim', "
+                                        r"'drop_path'\].*forward\(self, x, ctx\)"):
+        register("block", "test_broken_block")(NoLayoutNoCtx)
