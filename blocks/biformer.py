@@ -79,10 +79,10 @@ class BiLevelRoutingAttention(QKVAttention):
 
     def route(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Region indices (B, n_win**2, topk) from (B, H, W, heads, head_dim) q and k."""
-        B, H, W = q.shape[:3]
+        B, H, W, heads, d = q.shape
         n = self.n_win
-        q_region = q.detach().reshape(B, n, H // n, n, W // n, -1).mean((2, 4)).flatten(1, 2)
-        k_region = k.detach().reshape(B, n, H // n, n, W // n, -1).mean((2, 4)).flatten(1, 2)
+        q_region = q.detach().reshape(B, n, H // n, n, W // n, heads * d).mean((2, 4)).flatten(1, 2)
+        k_region = k.detach().reshape(B, n, H // n, n, W // n, heads * d).mean((2, 4)).flatten(1, 2)
         affinity = (q_region * self.scale) @ k_region.transpose(-1, -2)  # (B, n*n, n*n)
         return torch.topk(affinity, self.topk, dim=-1).indices
 

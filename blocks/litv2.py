@@ -79,7 +79,7 @@ class HiLoAttention(nn.Module):
             x = F.avg_pool2d(x.permute(0, 3, 1, 2), self.window_size).flatten(2).transpose(1, 2)
         else:
             x = x.reshape(B, H * W, C)
-        k, v = self.l_kv(x).reshape(B, -1, 2, self.l_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = self.l_kv(x).reshape(B, x.shape[1], 2, self.l_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.l_proj(out.transpose(1, 2).reshape(B, H, W, self.l_dim))
 

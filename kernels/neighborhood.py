@@ -229,7 +229,7 @@ def _gather_windows(x: Tensor, rows: AxisWindow, cols: AxisWindow) -> Tensor:
     x = x[:, rows.key_index]  # (B, H, kh, W, heads, D)
     x = x[:, :, :, cols.key_index]  # (B, H, kh, W, kw, heads, D)
     x = x.permute(0, 1, 3, 2, 4, 5, 6)  # (B, H, W, kh, kw, heads, D)
-    return x.reshape(b, h, w, -1, heads, d)
+    return x.flatten(3, 4)  # not reshape(..., -1, ...): that is ambiguous for an empty batch
 
 
 def na2d(

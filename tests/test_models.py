@@ -78,6 +78,9 @@ def test_any_input_size_runs(name):
             assert abs(f.shape[2] - h / stride) < 1 and abs(f.shape[3] - w / stride) < 1, \
                 (name, h, w, tuple(f.shape), stride)
         assert [i["reduction"] for i in model.feature_info] == [4, 8, 16, 32]
+    if name in FAMILY_MODELS:  # an empty batch (a data shard's remainder) runs too
+        with torch.no_grad():
+            assert model(torch.randn(0, 3, 65, 97)).shape == (0, 7)
 
 
 @pytest.mark.parametrize("name", FAMILY_MODELS)
