@@ -406,6 +406,9 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
                     log.write(kind="train", epoch=epoch, update=num_updates,
                               epoch_float=epoch + update_in_epoch / upe, loss=loss_acc, lr=cur_lr,
                               images_per_s=ips)
+                    if dist.is_main and bar is None:  # without a progress bar, a line per log entry
+                        print(f"epoch {epoch + 1}/{total_epochs} update {update_in_epoch}/{upe}: loss "
+                              f"{loss_acc:.4f}  lr {cur_lr:.2e}  {ips:.0f} img/s", file=sys.stderr)
                 loss_acc = 0.0
                 if flag[2] > 0:  # SIGTERM on some rank: checkpoint this update, then stop
                     stopped = terminated = True
