@@ -89,6 +89,12 @@ def test_no_weight_decay_and_param_groups(model):
     assert sum(len(g["params"]) for g in opt.param_groups) == len(named)
     matcher = model.group_matcher()
     assert set(matcher) == {"stem", "blocks"}
+    # lr scales: a layer per block for Swin-T's 12 (the same 14 scales as timm's swin_tiny), and a
+    # layer per unit of three blocks for MaxViT-T's 11 (MBConv, block and grid attention together)
+    from timm.optim._param_groups import param_groups_layer_decay
+    for name, layers in (("zoo_swin_tiny", 12 + 2), ("zoo_maxvit_tiny", 11 + 2)):
+        groups = param_groups_layer_decay(timm.create_model(name, device="meta"), layer_decay=0.5)
+        assert len({g["lr_scale"] for g in groups}) == layers, name
 
 
 def test_user_yaml_through_zoo_create_model(tmp_path):

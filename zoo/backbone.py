@@ -32,10 +32,11 @@ class Stage(nn.Module):
         self.downsample = build("downsample", cfg.downsample, in_dim=in_dim, out_dim=cfg.dim,
                                 **({"drop_path": drop_paths[0]} if fused else {}))
         self.context = build("context", cfg.context, dim=cfg.dim)
-        blocks = []
+        blocks, self.block_units = [], []  # block_units[j]: the repetition of the unit block j is in
         for i, (unit, dp) in enumerate(zip(cfg.units, drop_paths)):
             unit = unit[1:] if fused and i == 0 else unit
             blocks += [build("block", spec, dim=cfg.dim, drop_path=dp) for spec in unit]
+            self.block_units += [i] * len(unit)
         self.blocks = nn.ModuleList(blocks)
         self.grad_checkpointing = False
         first = self.downsample or self.context or self.blocks[0]
@@ -235,14 +236,20 @@ class Backbone(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(
-            stem=r"^stem",
-            blocks=r"^stages\.(\d+)" if coarse else [
-                (r"^stages\.(\d+)\.(?:downsample|context)", (0,)),
-                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^norm", (99999,)),
-            ],
-        )
+        """Layers for timm's layer-wise lr decay: one per repetition of a stage's unit (a block for
+        most families; MaxViT's MBConv, block and grid attention together), as the papers count
+        depth; ``coarse``: one per stage."""
+        if coarse:
+            return dict(stem=r"^stem", blocks=r"^stages\.(\d+)")
+        units = [(rf"^stages\.{i}\.blocks\.{j}\.", (i, u))
+                 for i, stage in enumerate(self.stages) if stage.block_units != list(range(len(stage.blocks)))
+                 for j, u in enumerate(stage.block_units)]
+        return dict(stem=r"^stem", blocks=[
+            (r"^stages\.(\d+)\.(?:downsample|context)", (0,)),
+            *units,
+            (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+            (r"^norm", (99999,)),
+        ])
 
 
 def _init_weights(m: nn.Module) -> None:
