@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", help="--bench: JSON file to write (a PNG plot is written beside it)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, merged output)")
     a = p.parse_args(argv)
     try:
         if a.bench:
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
             p.error("evaluation takes one model and --data (use --bench for several)")
         from zoo.engine import evaluate_folder
         m = evaluate_folder(a.models[0], a.data, a.split, a.checkpoint, a.batch_size, a.workers, a.dtype,
-                            a.device, a.ema, a.img_size)
+                            a.device, a.ema, a.img_size, progress=not a.no_progress)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

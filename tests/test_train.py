@@ -461,8 +461,10 @@ def test_eval_matches_training_validation(trained, folder, capsys):
     assert m["top1"] == pytest.approx(meta["metrics"]["top1"]) and m["loss"] == pytest.approx(meta["metrics"]["loss"])
     mod = _load_script("eval")
     assert mod.main(["zoo_nat_demo", "--checkpoint", str(out / "best"), "--data", str(folder), "--json",
-                     "--workers", "0"]) == 0
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+                     "--workers", "0", "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    assert "eval" not in printed.err  # --no-progress: no bar
+    line = json.loads(printed.out.strip().splitlines()[-1])
     assert line["top1"] == pytest.approx(meta["metrics"]["ema_top1"])  # best_weights: the EMA
 
 
