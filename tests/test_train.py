@@ -24,7 +24,7 @@ from zoo import snapshot
 from zoo.engine import NonFiniteLossError, evaluate_folder, format_validation, train
 from zoo.errors import CheckpointError, ConfigError, DataError, TrainingStopped
 from zoo.metrics import read_jsonl
-from zoo.recipe import list_recipes, load_recipe, parse_overrides
+from zoo.recipe import SCHEDULES, list_recipes, load_recipe, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_RECIPES = ["nat_tiny", "dinat_tiny", "swin_tiny", "cswin_tiny", "litv2_small", "maxvit_tiny", "gcvit_tiny",
@@ -86,6 +86,13 @@ def test_shipped_recipes_validate(name):
 
 def test_every_shipped_recipe_is_tested():
     assert set(list_recipes()) == set(PAPER_RECIPES + ["demo"])
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_every_schedule_a_recipe_may_name_trains(folder, tmp_path, name):
+    decay = {"step": {"schedule.decay_epochs": 1}, "multistep": {"schedule.decay_milestones": [1]}}.get(name, {})
+    s = train(tiny(folder, **{"schedule.name": name, "train.max_steps": 7, **decay}), out_dir=tmp_path / "run")
+    assert s["num_updates"] == 7
 
 
 def test_lr_scales_with_batch():

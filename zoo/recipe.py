@@ -49,6 +49,9 @@ def _triple(v):
                                                               for x in v)
 
 
+# timm's schedules that are functions of the update count (plateau needs a metric: not offered)
+SCHEDULES = ("cosine", "step", "multistep", "tanh", "poly")
+
 # section -> key -> (types, default, check or None, rule shown when the check fails)
 SCHEMA: Dict[str, Dict[str, tuple]] = {
     "model": {
@@ -120,9 +123,7 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
         "clip_mode": (str, "norm", lambda v: v in ("norm", "value", "agc"), "must be norm, value or agc"),
     },
     "schedule": {
-        # timm's schedules that are functions of the update count (plateau needs a metric: not offered)
-        "name": (str, "cosine", lambda v: v in ("cosine", "step", "multistep", "tanh", "poly", "const"),
-                 "must be one of cosine, step, multistep, tanh, poly, const"),
+        "name": (str, "cosine", lambda v: v in SCHEDULES, f"must be one of {', '.join(SCHEDULES)}"),
         "decay_epochs": ((NUM, OPT), None, lambda v: v is None or v > 0, "must be positive"),  # step
         "decay_milestones": ((list, OPT), None, lambda v: v is None or (v and all(
             isinstance(e, int) and not isinstance(e, bool) and e > 0 for e in v)), "must be a list of epochs"),
