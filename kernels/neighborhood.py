@@ -188,6 +188,8 @@ def _check_tensors(query, key, value, rpb, additional_keys, additional_values, k
             raise ValueError(
                 f"{name} must have the shape of query {tuple(query.shape)}, got {tuple(t.shape)}"
             )
+    if not query.is_floating_point():
+        raise ValueError(f"query, key and value must be floating point, got {query.dtype}")
     for name, t in (("key", key), ("value", value), ("additional_keys", additional_keys),
                     ("additional_values", additional_values)):
         if t is not None and (t.dtype != query.dtype or t.device != query.device):

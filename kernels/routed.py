@@ -15,8 +15,10 @@ the softmax. For distinct indices per query region (what top-k routing produces)
 dense attention over the whole map with the mask ``allowed[p, t] = region(t) in region_index[b,
 region(p)]``, which is how the tests state it. The order of the ``topk`` indices does not matter
 (softmax is permutation invariant), up to the order of floating point sums. The routing is shared
-by all heads. Indices are not range-checked here (that would need the tensor's values, which the
-meta device does not have); out-of-range indices raise inside the gather on CPU/CUDA tensors.
+by all heads. Indices must lie in [0, regions). This reference checks them (a ValueError naming
+``region_index``; not on the meta device or while torch.compile traces, where values are unknown);
+the Triton kernel does not read them back to check (that would cost a device sync per call) and
+skips a slot whose index is outside.
 
 Regions must tile the map exactly: callers pad first (BiFormer pads bottom/right to a multiple of
 its grid, see blocks/biformer.py). The fused Triton kernel (kernels/triton_routed.py, chosen by
@@ -72,6 +74,8 @@ def _check(query: Tensor, key: Tensor, value: Tensor, region_index: Tensor, rh: 
     if value.dim() != 5 or value.shape[:4] != query.shape[:4]:
         raise ValueError(f"value must be (batch, height, width, heads, value_dim) with the first four "
                          f"sizes of query {tuple(query.shape[:4])}, got {tuple(value.shape)}")
+    if not query.is_floating_point():
+        raise ValueError(f"query, key and value must be floating point, got {query.dtype}")
     for name, t in (("key", key), ("value", value)):
         if t.dtype != query.dtype or t.device != query.device:
             raise ValueError(f"{name} must match query's dtype and device ({query.dtype}, {query.device}), "
@@ -136,6 +140,11 @@ def routed_attention_checked(query: Tensor, key: Tensor, value: Tensor, region_i
     if scale is None:
         scale = head_dim ** -0.5
 
+    if region_index.device.type != "meta" and not torch.compiler.is_compiling() and region_index.numel():
+        low, high = int(region_index.min()), int(region_index.max())
+        regions = region_index.shape[1]
+        if low < 0 or high >= regions:  # a negative index would silently wrap around in the gather
+            raise ValueError(f"region_index must lie in [0, regions={regions}), got values in [{low}, {high}]")
     q = _to_regions(query, rh, rw)  # (B, R, T, heads, D)
     k = _to_regions(key, rh, rw)
     v = _to_regions(value, rh, rw)

@@ -487,7 +487,14 @@ def _query_pass(geo: "_Geometry", q, k, v, rpb, ak, av, out, lse, scale, grad_ou
     return drpb
 
 
+def _as_read(q, k, v, *others):
+    """The layout the kernels read (one set of q/k/v strides, the rest contiguous). The ops
+    enforce it themselves: torch.compile may hand a custom op other strides than eager did."""
+    return (*io_layout(q, k, v), *(t if t is None else t.contiguous() for t in others))
+
+
 def _forward(q, k, v, rpb, ak, av, kernel_size, stride, dilation, offset, scale):
+    q, k, v, rpb, ak, av = _as_read(q, k, v, rpb, ak, av)
     geo = _Geometry(q, kernel_size, stride, dilation, offset)
     out = dense_like(q)
     lse = torch.empty(q.shape[0], geo.heads, geo.H, geo.W, device=q.device, dtype=torch.float32)
@@ -497,6 +504,7 @@ def _forward(q, k, v, rpb, ak, av, kernel_size, stride, dilation, offset, scale)
 
 def _backward(grad_out, q, k, v, out, lse, rpb, ak, av, kernel_size, stride, dilation, offset,
               scale, rpb_grad: bool):
+    q, k, v, rpb, ak, av = _as_read(q, k, v, rpb, ak, av)
     geo = _Geometry(q, kernel_size, stride, dilation, offset)
     B = q.shape[0]
     grad_out = grad_out.contiguous()
@@ -616,8 +624,7 @@ def na2d_triton(query: Tensor, key: Tensor, value: Tensor, kernel_size: Sequence
     """The Triton path of ``zoo.kernels.na2d``; arguments already validated, per-axis pairs."""
     if scale is None:
         scale = query.shape[-1] ** -0.5
-    tensors = [*io_layout(query, key, value)] + [t if t is None else t.contiguous() for t in
-                                                  (rpb, additional_keys, additional_values)]
+    tensors = _as_read(query, key, value, rpb, additional_keys, additional_values)  # saved as read
     out, _ = _na2d_fwd_op(*tensors, list(kernel_size), list(stride), list(dilation),
                           [-1 if o is None else o for o in window_offset], float(scale))
     return out

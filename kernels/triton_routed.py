@@ -275,7 +275,16 @@ def _query_pass(L: _Launch, q, k, v, region_index, out, lse, scale, grad_out=Non
     )
 
 
+def _as_read(q, k, v, region_index):
+    """The layout the kernels read: q and k share strides, v has its own, int32 indices. The ops
+    enforce it themselves: torch.compile may hand a custom op other strides than eager did."""
+    q, k = io_layout(q, k)
+    v, = io_layout(v)
+    return q, k, v, region_index.to(torch.int32).contiguous()
+
+
 def _forward(q, k, v, region_index, region_size, scale):
+    q, k, v, region_index = _as_read(q, k, v, region_index)
     L = _Launch(q, v, region_index, region_size)
     out = q.new_empty(*q.shape[:4], L.v_dim)  # contiguous
     lse = torch.empty(L.B, L.heads, L.H, L.W, device=q.device, dtype=torch.float32)
@@ -284,6 +293,7 @@ def _forward(q, k, v, region_index, region_size, scale):
 
 
 def _backward(grad_out, q, k, v, out, lse, region_index, region_size, scale):
+    q, k, v, region_index = _as_read(q, k, v, region_index)
     L = _Launch(q, v, region_index, region_size)
     grad_out = grad_out.contiguous()
     delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dQ pass
@@ -352,8 +362,5 @@ def routed_attention_triton(query: Tensor, key: Tensor, value: Tensor, region_in
     ``region_size`` a pair."""
     if scale is None:
         scale = query.shape[-1] ** -0.5
-    query, key = io_layout(query, key)  # q and k share strides, v has its own
-    value, = io_layout(value)
-    out, _ = _routed_fwd_op(query, key, value, region_index.to(torch.int32).contiguous(),
-                            list(region_size), float(scale))
+    out, _ = _routed_fwd_op(*_as_read(query, key, value, region_index), list(region_size), float(scale))
     return out

@@ -479,6 +479,7 @@ def _qkv(shape=(1, 8, 8, 2, 4)):
     (lambda: na2d(*_qkv(), 3, additional_keys=torch.zeros(1, 3, 2, 4),
                   additional_values=torch.zeros(1, 2, 2, 4)), "additional_values must have"),
     (lambda: na2d(*_qkv()[:2], torch.zeros(1, 8, 8, 2, 4, dtype=torch.float64), 3), "dtype"),
+    (lambda: na2d(*(t.long() for t in _qkv()), 3), "floating point"),
     (lambda: na2d(*_qkv(), 4, stride=2, additional_keys=torch.zeros(1, 2, 2, 3, 2, 4),
                   additional_values=torch.zeros(1, 2, 2, 3, 2, 4)), "non-overlapping windows"),
     (lambda: na2d(*_qkv(), 2, stride=2, dilation=2, additional_keys=torch.zeros(1, 2, 2, 3, 2, 4),

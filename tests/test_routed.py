@@ -123,6 +123,11 @@ def test_meta_device_counts_matmuls():
     (dict(key=torch.zeros(1, 4, 4, 2, 3)), "key"),
     (dict(value=torch.zeros(1, 4, 4, 1, 4)), "value"),
     (dict(query=torch.zeros(4, 4, 2, 4)), "5-D"),
+    (dict(region_index=torch.tensor([[[0, -1], [1, 2], [2, 0], [3, 2]]])),
+     r"lie in \[0, regions=4\), got values in \[-1, 3\]"),
+    (dict(region_index=torch.tensor([[[0, 4], [1, 2], [2, 0], [3, 2]]])), r"lie in \[0, regions=4\)"),
+    (dict(query=torch.zeros(1, 4, 4, 2, 4, dtype=torch.long), key=torch.zeros(1, 4, 4, 2, 4, dtype=torch.long),
+          value=torch.zeros(1, 4, 4, 2, 4, dtype=torch.long)), "floating point"),
 ])
 def test_bad_arguments(bad, match):
     args = dict(query=torch.zeros(1, 4, 4, 2, 4), key=torch.zeros(1, 4, 4, 2, 4), value=torch.zeros(1, 4, 4, 2, 4),

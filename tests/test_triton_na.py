@@ -213,6 +213,15 @@ def test_qkv_views_reach_the_kernel_uncopied(monkeypatch):
 
 
 @needs_interpreter
+def test_the_op_itself_lays_out_its_inputs():
+    """torch.compile may hand the custom op other strides than the eager wrapper chose."""
+    q, k, v = (torch.randn(1, 6, 7, 2, 16) for _ in range(3))
+    k_other = k.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    args = (None, None, None, [3, 3], [1, 1], [1, 1], [-1, -1], 0.25)
+    assert torch.equal(torch.ops.zoo.na2d_fwd(q, k, v, *args)[0], torch.ops.zoo.na2d_fwd(q, k_other, v, *args)[0])
+
+
+@needs_interpreter
 @pytest.mark.parametrize("seed", range(100))
 def test_random_cases(seed):
     compare(random_case(seed))

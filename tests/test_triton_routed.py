@@ -157,6 +157,16 @@ def test_random_cases_cover_the_knobs():
 
 
 @needs_interpreter
+def test_the_op_itself_lays_out_its_inputs():
+    """torch.compile may hand the custom op other strides than the eager wrapper chose."""
+    q, k, v = (torch.randn(1, 4, 6, 2, 16) for _ in range(3))
+    k_other = k.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    index = torch.tensor([[[0, 1], [1, 2], [2, 0], [3, 5], [4, 1], [5, 4]]])
+    out, _ = torch.ops.zoo.routed_fwd(q, k, v, index, [2, 2], 0.25)
+    assert torch.equal(out, torch.ops.zoo.routed_fwd(q, k_other, v, index, [2, 2], 0.25)[0])
+
+
+@needs_interpreter
 def test_out_of_range_indices_are_ignored():
     """The reference raises on an index outside [0, regions); the Triton path must not read
     outside the tensors: such a slot contributes no keys (documented in triton_routed)."""
