@@ -80,10 +80,28 @@ def test_features_adapter_options():
     with torch.no_grad():
         out = fpn(torch.randn(1, 3, 96, 160))
     assert list(out) == ["0", "1", "2", "3", "pool"] and all(v.shape[1] == 32 for v in out.values())
-    with pytest.raises(ValueError, match="out_indices"):
-        ZooFeatures(_cfg("nat"), out_indices=(2, 1))
+    for bad in ((2, 1), (0, 5), (), 3):  # 5 used to wrap around to stage 1
+        with pytest.raises(ValueError, match="out_indices"):
+            ZooFeatures(_cfg("nat"), out_indices=bad)
     with pytest.raises(ValueError, match="frozen_stages"):
         ZooFeatures(_cfg("nat"), frozen_stages=7)
+    # the output norm of a frozen stage is frozen with it
+    feats = ZooFeatures(_cfg("nat"), frozen_stages=2)
+    assert [all(not p.requires_grad for p in n.parameters()) for n in feats.norms] == [True, True, False, False]
+
+
+def test_detector_keywords_reach_the_backbone():
+    model = faster_rcnn(_cfg("nat"), num_classes=3, drop_path_rate=0.3, min_size=96)
+    rates = [m.drop_prob for m in model.backbone.body.trunk.modules() if hasattr(m, "drop_prob")]
+    assert max(rates) == pytest.approx(0.3) and model.transform.min_size == (96,)
+    with pytest.raises(TypeError, match="frozen_stage"):  # a typo is not swallowed by torchvision
+        faster_rcnn(_cfg("nat"), num_classes=3, frozen_stage=2)
+
+
+def test_segmentation_any_width_and_a_void_crop():
+    model = SegmentationModel(_cfg("nat"), num_classes=3, channels=100)  # 100 is not a multiple of 16
+    logits = model(torch.randn(1, 3, 64, 64))
+    assert segmentation_loss(logits, torch.full((1, 64, 64), 255)).item() == 0.0
 
 
 def _mask_rcnn(family, h, w):

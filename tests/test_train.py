@@ -103,6 +103,9 @@ def test_lr_scales_with_batch():
     assert load_recipe(ROOT / "configs/train/swin_tiny.yaml", {"optimizer.lr": 0.01}).lr() == 0.01
 
 
+OK = "model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8}"  # valid; cases add one mistake
+
+
 @pytest.mark.parametrize("text, key, words", [
     ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8, epoch: 3}", "train.epoch", "unknown key"),
     ("model: {name: zoo_nat_tiny}\ntrain: {epochs: one, batch_size: 8}", "train.epochs", "expected int"),
@@ -111,12 +114,12 @@ def test_lr_scales_with_batch():
     ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8}\naugment: {hflip: 1.5}", "augment.hflip",
      "probability"),
     ("train: {epochs: 1, batch_size: 8}", "model", "missing required key 'model.name'"),
-    ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8}\noptimizer: {name: adamww}", "optimizer.name", "unknown optimizer 'adamww'"),
+    (OK + "\noptimizer: {name: adamww}", "optimizer.name", "unknown optimizer 'adamww'"),
     ("model: {name: zoo_nat_nope}\ntrain: {epochs: 1, batch_size: 8}", "model.name", "unknown model"),
-    ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8}\noptimizer: {lr: .inf}", "optimizer.lr", "finite"),
-    ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8}\noptimizer: {betas: [0.9, 1.5]}", "optimizer.betas", "each in [0, 1)"),
-    ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8}\nschedule: {name: step}", "schedule.decay_epochs", "the step schedule needs it"),
-    ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8}\nruntime: {device: gpu}", "runtime.device", "must be auto, cpu, cuda"),
+    (OK + "\noptimizer: {lr: .inf}", "optimizer.lr", "finite"),
+    (OK + "\noptimizer: {betas: [0.9, 1.5]}", "optimizer.betas", "each in [0, 1)"),
+    (OK + "\nschedule: {name: step}", "schedule.decay_epochs", "the step schedule needs it"),
+    (OK + "\nruntime: {device: gpu}", "runtime.device", "must be auto, cpu, cuda"),
     ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8, accum_steps: 3}", "train.accum_steps",
      "divide"),
     ("model: {name: zoo_nat_tiny}\noptimiser: {lr: 1}\ntrain: {epochs: 1, batch_size: 8}", "optimiser",
@@ -561,6 +564,7 @@ def test_push_to_hub_uploads_the_export(tmp_path, monkeypatch):
             seen["token"] = token
 
         def create_repo(self, repo_id, private=False, exist_ok=False):
+            seen["created"] = repo_id
             return type("Url", (), {"repo_id": repo_id})()
 
         def upload_folder(self, repo_id, folder_path, revision=None, commit_message=""):
@@ -572,6 +576,11 @@ def test_push_to_hub_uploads_the_export(tmp_path, monkeypatch):
     model = zoo.create_model("zoo_nat_demo")
     assert zoo.push_to_hub(model, "me/nat-demo", token="t") == "ok"
     assert seen["repo"] == "me/nat-demo" and {"config.json", "model.safetensors"} <= set(seen["files"])
+    # what cannot be saved is refused before a repo is created on the hub
+    seen.clear()
+    with pytest.raises(ValueError, match="features_only"):
+        zoo.push_to_hub(zoo.create_model("zoo_nat_demo", features_only=True), "me/feats")
+    assert "created" not in seen
 
 
 def test_digits_demo_data(tmp_path):

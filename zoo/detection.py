@@ -46,6 +46,12 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
 
 def _as_backbone(model: Union[str, nn.Module], pretrained: bool, **kwargs) -> Backbone:
     if isinstance(model, nn.Module):
+        if not isinstance(model, Backbone):
+            raise ValueError(f"model must be a zoo model (zoo.Backbone, not features_only), a name or a YAML "
+                             f"path, got {type(model).__name__}")
+        if kwargs or pretrained:
+            raise ValueError(f"{sorted(kwargs) + ['pretrained'] * pretrained} configure a model built here; "
+                             f"pass them to zoo.create_model for a model you built")
         return model
     from zoo.registration import create_model
     return create_model(model, pretrained=pretrained, num_classes=0, **kwargs)
@@ -70,9 +76,12 @@ class ZooFeatures(nn.Module):
         super().__init__()
         trunk = _as_backbone(model, pretrained, **kwargs)
         n = len(trunk.stages)
-        self.out_indices = tuple(i % n for i in out_indices)
-        if len(set(self.out_indices)) != len(self.out_indices) or list(self.out_indices) != sorted(self.out_indices):
-            raise ValueError(f"out_indices must be increasing stage indices in [0, {n}), got {tuple(out_indices)}")
+        ok = isinstance(out_indices, (tuple, list)) and out_indices and all(
+            isinstance(i, int) and -n <= i < n for i in out_indices)
+        self.out_indices = tuple(i % n for i in out_indices) if ok else ()
+        if not ok or list(self.out_indices) != sorted(set(self.out_indices)):
+            raise ValueError(f"out_indices must be a non-empty sequence of increasing stage indices in [0, {n}) "
+                             f"(or negative from the end), got {out_indices!r}")
         if not -1 <= frozen_stages <= n:
             raise ValueError(f"frozen_stages must be in [-1, {n}], got {frozen_stages}")
         trunk.prune_intermediate_layers(list(self.out_indices), prune_norm=True, prune_head=True)
@@ -88,6 +97,8 @@ class ZooFeatures(nn.Module):
         if self.frozen_stages >= 0:
             yield self.trunk.stem
             yield from list(self.trunk.stages)[:self.frozen_stages]
+            # the output norm of a frozen stage belongs to it (mmdetection's Swin freezes it too)
+            yield from (norm for i, norm in zip(self.out_indices, self.norms) if i < self.frozen_stages)
 
     def _freeze(self) -> None:
         for m in self._frozen_modules():
@@ -123,25 +134,31 @@ class ZooFPN(nn.Module):
         return self.fpn(self.body(x))
 
 
-_BACKBONE_KEYS = ("out_indices", "frozen_stages", "freeze_bn", "out_norm", "pretrained")
+def _split(detector: type, kwargs: dict):
+    """(backbone keywords, detector keywords). torchvision's detectors take unknown keywords
+    silently (their **kwargs), so everything that is not a named parameter of the detector or of
+    its image transform goes to the backbone (ZooFeatures, then zoo.create_model), which refuses
+    what it does not know."""
+    import inspect
 
-
-def _split(kwargs: dict):
-    mine = {k: kwargs.pop(k) for k in _BACKBONE_KEYS if k in kwargs}
-    return mine, kwargs
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+    known = (set(inspect.signature(detector.__init__).parameters)
+             | set(inspect.signature(GeneralizedRCNNTransform.__init__).parameters)) - {"self", "kwargs", "backbone"}
+    detector_kw = {k: v for k, v in kwargs.items() if k in known}
+    return {k: v for k, v in kwargs.items() if k not in known}, detector_kw
 
 
 def faster_rcnn(model: Union[str, nn.Module], num_classes: int, fpn_channels: int = 256, **kwargs):
     """torchvision's Faster R-CNN on a zoo backbone with an FPN (levels P2-P6)."""
     from torchvision.models.detection import FasterRCNN
-    mine, rest = _split(kwargs)
+    mine, rest = _split(FasterRCNN, kwargs)
     return FasterRCNN(ZooFPN(ZooFeatures(model, **mine), fpn_channels, "pool"), num_classes=num_classes, **rest)
 
 
 def mask_rcnn(model: Union[str, nn.Module], num_classes: int, fpn_channels: int = 256, **kwargs):
     """torchvision's Mask R-CNN on a zoo backbone with an FPN (levels P2-P6)."""
     from torchvision.models.detection import MaskRCNN
-    mine, rest = _split(kwargs)
+    mine, rest = _split(MaskRCNN, kwargs)
     return MaskRCNN(ZooFPN(ZooFeatures(model, **mine), fpn_channels, "pool"), num_classes=num_classes, **rest)
 
 
@@ -149,6 +166,6 @@ def retinanet(model: Union[str, nn.Module], num_classes: int, fpn_channels: int 
     """torchvision's RetinaNet on a zoo backbone: FPN over strides 8-32 plus P6/P7 (as the paper;
     pass ``out_indices=(0, 1, 2, 3)`` and an ``anchor_generator`` with five levels to use stride 4)."""
     from torchvision.models.detection import RetinaNet
-    mine, rest = _split(kwargs)
+    mine, rest = _split(RetinaNet, kwargs)
     mine.setdefault("out_indices", (1, 2, 3))
     return RetinaNet(ZooFPN(ZooFeatures(model, **mine), fpn_channels, "p6p7"), num_classes=num_classes, **rest)

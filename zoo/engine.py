@@ -160,7 +160,8 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
         micro = tr.batch_size // shares
         if (aug.mixup or aug.cutmix) and micro % 2:
             raise ConfigError(R.file, "train.batch_size", f"mixup/cutmix pair the samples of a micro-batch: "
-                                                          f"batch_size / (processes x accum_steps) = {micro} must be even")
+                                                          f"batch_size / (processes x accum_steps) = {micro} "
+                                                          f"must be even")
 
         # ---- data
         if not R.data.root:

@@ -18,11 +18,26 @@ MODEL_YAML = "zoo_model.yaml"
 
 
 def _architecture(model: torch.nn.Module) -> str:
+    """The registered name timm rebuilds the model from; ValueError if it could not."""
+    if not hasattr(model, "num_classes"):  # timm's feature wrappers (features_only=True)
+        raise ValueError(f"{type(model).__name__} is a features_only wrapper; save the model it wraps "
+                         f"(create it without features_only) and ask for features when loading")
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture")
     if not arch:
         raise ValueError("the model has no pretrained_cfg['architecture']; build it with zoo.create_model or "
                          "timm.create_model")
+    if arch.startswith("zoo_") and arch not in REGISTERED:
+        raise ValueError(f"{arch} is not a registered zoo model: timm could not rebuild it from config.json. "
+                         f"Put its YAML under configs/models/ (registered as zoo_<file stem>).")
+    own = getattr(model, "cfg", None)
+    if arch in REGISTERED and own is not None:
+        from zoo.config import load_config
+        if load_config(REGISTERED[arch]).raw["model"] != own.raw["model"]:
+            raise ValueError(f"the model was built from {own.file or 'a dict'}, which shares the name {arch} with "
+                             f"the registered {REGISTERED[arch]} but not its architecture: timm would rebuild the "
+                             f"registered one from config.json. Give your YAML a name of its own and put it under "
+                             f"configs/models/.")
     return arch
 
 
@@ -47,17 +62,6 @@ def save_pretrained(model: torch.nn.Module, save_dir, data_config: Optional[dict
     """
     from timm.models import save_for_hf
     arch = _architecture(model)
-    if arch.startswith("zoo_") and arch not in REGISTERED:
-        raise ValueError(f"{arch} is not a registered zoo model: timm could not rebuild it from config.json. "
-                         f"Put its YAML under configs/models/ (registered as zoo_<file stem>).")
-    cfg = getattr(model, "cfg", None)
-    if arch in REGISTERED and cfg is not None:
-        from zoo.config import load_config
-        if load_config(REGISTERED[arch]).raw["model"] != cfg.raw["model"]:
-            raise ValueError(f"the model was built from {cfg.file or 'a dict'}, which shares the name {arch} with "
-                             f"the registered {REGISTERED[arch]} but not its architecture: timm would rebuild the "
-                             f"registered one from config.json. Give your YAML a name of its own and put it under "
-                             f"configs/models/.")
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     model_config = {}
@@ -79,6 +83,7 @@ def push_to_hub(model: torch.nn.Module, repo_id: str, commit_message: str = "Add
     import tempfile
 
     from huggingface_hub import HfApi
+    _architecture(model)  # what save_pretrained would refuse, refused before a repo is created
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,9 +25,14 @@ from zoo.detection import ZooFeatures
 __all__ = ["SegmentationModel", "segmentation_loss"]
 
 
+def _groups(channels: int) -> int:
+    """About 16 channels a group: the largest divisor of ``channels`` not above channels // 16."""
+    return max(d for d in range(1, max(1, channels // 16) + 1) if channels % d == 0)
+
+
 def _conv(cin: int, cout: int, k: int = 3) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
-                         nn.GroupNorm(max(1, cout // 16), cout), nn.ReLU(inplace=True))
+                         nn.GroupNorm(_groups(cout), cout), nn.ReLU(inplace=True))
 
 
 def _resize(x: torch.Tensor, size) -> torch.Tensor:
@@ -92,6 +97,9 @@ class SegmentationModel(nn.Module):
     def __init__(self, model: Union[str, nn.Module], num_classes: int, head: Literal["fpn", "upernet"] = "fpn",
                  channels: int = 256, **feature_kwargs):
         super().__init__()
+        for name, v in (("num_classes", num_classes), ("channels", channels)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.backbone = ZooFeatures(model, **feature_kwargs)
         if head == "fpn":
             self.head = SemanticFPNHead(self.backbone.channels, self.backbone.strides, channels, num_classes)
@@ -110,4 +118,7 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: 
     Logits of another size are resized to the target's first."""
     if logits.shape[-2:] != target.shape[-2:]:
         logits = _resize(logits, target.shape[-2:])
-    return F.cross_entropy(logits, target.long(), ignore_index=ignore_index)
+    # summed, then divided by the counted pixels: 0 (not NaN, as a mean over nothing) when every
+    # pixel is ignored, e.g. a crop that holds only void
+    loss = F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction="sum")
+    return loss / (target != ignore_index).sum().clamp(min=1)
