@@ -3,7 +3,7 @@
 
     python eval.py zoo_nat_demo --checkpoint runs/demo/best --data data/digits
     python eval.py resnet50.a1_in1k --data /data/imagenet            # any timm model, to compare
-    python eval.py --bench zoo_nat_tiny nat_tiny swin_tiny_patch4_window7_224 zoo_swin_tiny \\
+    python eval.py --bench zoo_nat_tiny zoo_swin_tiny swin_tiny_patch4_window7_224 \\
         --batch-size 64 --img-size 224 --dtype bf16 --out benchmarks/results/throughput.json
 """
 import argparse

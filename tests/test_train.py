@@ -514,10 +514,16 @@ def test_eval_timm_model(folder):
 def test_bench_writes_json_and_plot(tmp_path):
     from zoo.bench import bench
     out = tmp_path / "bench.json"
-    rows = bench(["zoo_nat_demo", "resnet10t"], batch_size=2, img_size=32, warmup=1, iters=1, out=str(out))
+    rows = bench(["nat_demo", "resnet10t"], batch_size=2, img_size=32, warmup=1, iters=1, out=str(out))
     assert [r["source"] for r in rows] == ["zoo", "timm"] and all(r["images_per_s"] > 0 for r in rows)
-    assert json.loads(out.read_text())["results"][0]["model"] == "zoo_nat_demo"
+    assert json.loads(out.read_text())["results"][0]["model"] == "zoo_nat_demo"  # the short name resolved
     assert out.with_suffix(".png").stat().st_size > 1000
+    # a model that fails gets an error row; the others are still measured and written
+    rows = bench(["zoo_nat_demo", "resnet10t"], batch_size=1, img_size=16, warmup=1, iters=1, out=str(out))
+    assert "at least 32x32" in rows[0]["error"] and rows[1]["images_per_s"] > 0
+    assert len(json.loads(out.read_text())["results"]) == 2
+    with pytest.raises(ValueError, match="unknown model 'nat_nope'"):
+        bench(["resnet10t", "nat_nope"], iters=1)
 
 
 def test_save_pretrained_loads_with_timm(tmp_path, monkeypatch):
