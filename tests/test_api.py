@@ -139,3 +139,13 @@ def test_python_m_zoo_list():
     assert lines[0].split()[:3] == ["model", "params", "code"]
     assert any(line.startswith("zoo_swin_tiny") and "28,288,354" in line and "4.49" in line for line in lines)
     assert "MISMATCH" not in out
+
+
+def test_python_m_zoo_refuses_what_matches_nothing():
+    from zoo.__main__ import main
+    for argv, words in ((["forward", "--filter", "nope"], "no model name contains 'nope'"),
+                        (["list", "--filter", "nope"], "no model name contains 'nope'")):
+        with pytest.raises(SystemExit, match=words):
+            main(argv)
+    with pytest.raises(SystemExit):  # argparse: --size below 32
+        main(["forward", "--size", "16"])

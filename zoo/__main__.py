@@ -11,6 +11,9 @@ import time
 
 import torch
 
+import zoo
+from zoo.config import MIN_INPUT
+
 
 def _rows(names):
     from zoo.config import load_config
@@ -30,8 +33,7 @@ def _fmt(v, spec=""):
 
 
 def cmd_list(args) -> int:
-    import zoo
-    names = [n for n in zoo.list_models() if not args.filter or args.filter in n]
+    names = _matching(args.filter)
     header = ["model", "params", "code params", "GMACs", "code GMACs", "published params / GMACs / top-1"]
     rows = []
     for r in _rows(names):
@@ -54,12 +56,9 @@ def cmd_list(args) -> int:
 
 
 def cmd_forward(args) -> int:
-    import zoo
     torch.manual_seed(0)
     x = torch.randn(1, 3, args.size, args.size)
-    for name in zoo.list_models():
-        if args.filter and args.filter not in name:
-            continue
+    for name in _matching(args.filter):
         model = zoo.create_model(name).eval()
         t = time.perf_counter()
         with torch.no_grad():
@@ -67,6 +66,20 @@ def cmd_forward(args) -> int:
         print(f"{name:24s} logits {tuple(y.shape)}  top class {int(y.argmax())}  "
               f"{time.perf_counter() - t:6.2f} s on {x.shape[2]}x{x.shape[3]}")
     return 0
+
+
+def _matching(pattern: str) -> list:
+    names = [n for n in zoo.list_models() if pattern in n]
+    if not names:
+        raise SystemExit(f"python -m zoo: no model name contains {pattern!r} (python -m zoo list shows them)")
+    return names
+
+
+def _image_size(text: str) -> int:
+    size = int(text)
+    if size < MIN_INPUT:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_INPUT} (the smallest input any zoo model takes)")
+    return size
 
 
 def main(argv=None) -> int:
@@ -78,7 +91,7 @@ def main(argv=None) -> int:
     pl.add_argument("--filter", default="", help="only names containing this")
     pl.set_defaults(fn=cmd_list)
     pf = sub.add_parser("forward", help="one forward pass of every model on a random image")
-    pf.add_argument("--size", type=int, default=224)
+    pf.add_argument("--size", type=_image_size, default=224)
     pf.add_argument("--filter", default="")
     pf.set_defaults(fn=cmd_forward)
     args = p.parse_args(argv)
