@@ -109,7 +109,7 @@ def _mask_rcnn(family, h, w):
     # stride-4 backward, the dearest part on a CPU, out of the test; small heads for the same reason.
     return mask_rcnn(_cfg(family), num_classes=4, fpn_channels=64, frozen_stages=1, min_size=h, max_size=w,
                      rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=300, box_batch_size_per_image=128,
-                     representation_size=256, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100,
+                     rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100,
                      box_detections_per_img=10)
 
 
@@ -171,3 +171,11 @@ def test_segmentation_trains_and_infers(family):
     with torch.no_grad():
         logits = model(torch.randn(1, 3, 257, 351))
     assert logits.shape == (1, 4, 257, 351) and torch.isfinite(logits).all()
+
+
+def test_other_pyramid_levels_get_anchors_for_them():
+    # torchvision's default anchors assume 5 levels: other out_indices failed at the first forward
+    for model in (faster_rcnn(_cfg("nat"), 3, out_indices=(1, 2, 3), min_size=96, max_size=128),
+                  retinanet(_cfg("nat"), 3, out_indices=(0, 1, 2, 3), min_size=96, max_size=128)):
+        with torch.no_grad():
+            assert {"boxes", "labels", "scores"} <= set(model.eval()([torch.rand(3, 96, 128)])[0])

@@ -148,24 +148,49 @@ def _split(detector: type, kwargs: dict):
     return {k: v for k, v in kwargs.items() if k not in known}, detector_kw
 
 
+def _levels(features: ZooFeatures, extra: int) -> list:
+    """The strides of the pyramid's levels: the chosen stages', then ``extra`` halvings."""
+    return list(features.strides) + [features.strides[-1] * 2 ** (i + 1) for i in range(extra)]
+
+
+def _rcnn(detector: type, model, num_classes: int, fpn_channels: int, kwargs: dict, mask: bool = False):
+    """torchvision's defaults assume four levels plus the pooled one; anchors (8 x stride, as theirs:
+    32-512 for strides 4-64) and RoI pools are sized to the levels the chosen out_indices give."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import MultiScaleRoIAlign
+    mine, rest = _split(detector, kwargs)
+    features = ZooFeatures(model, **mine)
+    strides, names = _levels(features, 1), [str(i) for i in range(len(features.strides))]
+    rest.setdefault("rpn_anchor_generator",
+                    AnchorGenerator(tuple((8 * s,) for s in strides), ((0.5, 1.0, 2.0),) * len(strides)))
+    rest.setdefault("box_roi_pool", MultiScaleRoIAlign(names, 7, 2))
+    if mask:
+        rest.setdefault("mask_roi_pool", MultiScaleRoIAlign(names, 14, 2))
+    return detector(ZooFPN(features, fpn_channels, "pool"), num_classes=num_classes, **rest)
+
+
 def faster_rcnn(model: Union[str, nn.Module], num_classes: int, fpn_channels: int = 256, **kwargs):
-    """torchvision's Faster R-CNN on a zoo backbone with an FPN (levels P2-P6)."""
+    """torchvision's Faster R-CNN on a zoo backbone with an FPN (levels P2-P6 by default)."""
     from torchvision.models.detection import FasterRCNN
-    mine, rest = _split(FasterRCNN, kwargs)
-    return FasterRCNN(ZooFPN(ZooFeatures(model, **mine), fpn_channels, "pool"), num_classes=num_classes, **rest)
+    return _rcnn(FasterRCNN, model, num_classes, fpn_channels, kwargs)
 
 
 def mask_rcnn(model: Union[str, nn.Module], num_classes: int, fpn_channels: int = 256, **kwargs):
-    """torchvision's Mask R-CNN on a zoo backbone with an FPN (levels P2-P6)."""
+    """torchvision's Mask R-CNN on a zoo backbone with an FPN (levels P2-P6 by default)."""
     from torchvision.models.detection import MaskRCNN
-    mine, rest = _split(MaskRCNN, kwargs)
-    return MaskRCNN(ZooFPN(ZooFeatures(model, **mine), fpn_channels, "pool"), num_classes=num_classes, **rest)
+    return _rcnn(MaskRCNN, model, num_classes, fpn_channels, kwargs, mask=True)
 
 
 def retinanet(model: Union[str, nn.Module], num_classes: int, fpn_channels: int = 256, **kwargs):
     """torchvision's RetinaNet on a zoo backbone: FPN over strides 8-32 plus P6/P7 (as the paper;
-    pass ``out_indices=(0, 1, 2, 3)`` and an ``anchor_generator`` with five levels to use stride 4)."""
+    other ``out_indices`` get anchors for their levels: 3 scales of 4 x stride, as torchvision's)."""
     from torchvision.models.detection import RetinaNet
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
     mine, rest = _split(RetinaNet, kwargs)
     mine.setdefault("out_indices", (1, 2, 3))
-    return RetinaNet(ZooFPN(ZooFeatures(model, **mine), fpn_channels, "p6p7"), num_classes=num_classes, **rest)
+    features = ZooFeatures(model, **mine)
+    strides = _levels(features, 2)
+    rest.setdefault("anchor_generator", AnchorGenerator(
+        tuple((4 * s, int(4 * s * 2 ** (1 / 3)), int(4 * s * 2 ** (2 / 3))) for s in strides),
+        ((0.5, 1.0, 2.0),) * len(strides)))
+    return RetinaNet(ZooFPN(features, fpn_channels, "p6p7"), num_classes=num_classes, **rest)
