@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import List, Optional
+
+from zoo.snapshot import atomic_write_bytes
 
 
 class MetricLog:
@@ -19,9 +20,7 @@ class MetricLog:
         if self.path is None or not self.path.is_file():
             return
         keep = [r for r in read_jsonl(self.path) if r.get("update", 0) <= update]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in keep))
-        os.replace(tmp, self.path)
+        atomic_write_bytes(self.path, "".join(json.dumps(r, default=float) + "\n" for r in keep).encode())
 
     def write(self, **record) -> None:
         if self.path is None:
