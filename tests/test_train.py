@@ -270,6 +270,15 @@ def test_data_that_does_not_fit_is_refused_before_training(folder, tmp_path, edi
     assert not (tmp_path / "run/checkpoints").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for a machine without CUDA")
+def test_cuda_without_a_gpu_names_the_recipe_key(folder, tmp_path):
+    with pytest.raises(ConfigError, match=r"demo\.yaml: runtime\.device: is 'cuda:0' but torch sees no CUDA"):
+        train(tiny(folder, **{"runtime.device": "cuda:0"}), out_dir=tmp_path / "run")
+    from zoo.bench import bench
+    with pytest.raises(ConfigError, match="--device: is 'cuda' but torch sees no CUDA device"):
+        bench(["resnet10t"], device="cuda", iters=1)
+
+
 def test_pretrained_file_must_fit(folder, tmp_path):
     other = tmp_path / "resnet.safetensors"
     save_file(timm.create_model("resnet10t").state_dict(), str(other))

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from zoo.errors import ConfigError
+
 
 @dataclass
 class Dist:
@@ -24,26 +26,29 @@ class Dist:
         return self.rank == 0
 
 
-def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+def pick_device(name: str = "auto", local_rank: int = 0, source=("--device", "")) -> torch.device:
+    """``auto``: CUDA if torch sees it, else the CPU. ``source`` (file, key path) names where the
+    device was asked for, in the ConfigError when it asks for CUDA and torch sees none."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(*source, f"is {name!r} but torch sees no CUDA device")
     if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("runtime.device is 'cuda' but no CUDA device is available")
         return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
-def setup(device: str = "auto") -> Dist:
+def setup(device: str = "auto", source=("--device", "")) -> Dist:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1), else a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = pick_device(device, local)
+    dev = pick_device(device, local, source)
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        # NCCL for CUDA tensors and gloo beside it for the CPU ones (evaluation's counts, RNG states)
+        # NCCL for CUDA tensors and gloo beside it for the CPU ones (the per-update loss and stop
+        # flags, evaluation's counts, RNG states)
         dist.init_process_group(backend="cuda:nccl,cpu:gloo" if dev.type == "cuda" else "gloo")
     return Dist(rank, world, local, dev)
 

@@ -130,13 +130,11 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
 
     R = recipe
     rt, tr, aug, opt_cfg, sch = R.runtime, R.train, R.augment, R.optimizer, R.schedule
-    if rt.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(R.file, "runtime.device", f"is {rt.device!r} but torch sees no CUDA device")
     run_dir = _run_dir(R, out_dir, resume)
     if not resume and snapshot.has_checkpoints(run_dir):
         raise ConfigError("--output", str(run_dir), "holds the checkpoints of an earlier run, which a new run "
                                                     "would prune: pass --resume to continue it, or another --output")
-    dist = zdist.setup(rt.device)
+    dist = zdist.setup(rt.device, source=(R.file, "runtime.device"))
     device = dist.device
     # SIGTERM (a cluster's preemption notice) asks for a checkpoint at the end of the current
     # update; Ctrl-C stops at once and keeps the last checkpoint.
@@ -372,8 +370,7 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
                     continue
                 micro_i = 0
                 # every rank must agree before anyone steps; the logged loss is the mean over ranks
-                flag = torch.tensor([0.0 if math.isfinite(loss_acc) else 1.0, loss_acc, float(bool(terminate))],
-                                    device=device)
+                flag = torch.tensor([0.0 if math.isfinite(loss_acc) else 1.0, loss_acc, float(bool(terminate))])
                 flag = zdist.all_reduce_sum(flag, dist).tolist()
                 loss_acc = flag[1] / dist.world_size
                 if flag[0] > 0:
