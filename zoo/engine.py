@@ -521,6 +521,12 @@ def _recipe_changes(old: Optional[dict], new: dict, snap: Path) -> list:
     return changed
 
 
+def _classifiers(model: Optional[nn.Module]) -> tuple:
+    """The classifier module names of a model's pretrained_cfg (zoo models: ``head.fc``)."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head.fc"
+    return tuple(names) if isinstance(names, (list, tuple)) else (names,)
+
+
 def load_initial_weights(model: nn.Module, path) -> None:
     """model.pretrained_file: weights to start from, converted from the authors' layout for zoo
     models. Every key of the body must fit; a classifier of another size is left as initialised."""
@@ -529,8 +535,7 @@ def load_initial_weights(model: nn.Module, path) -> None:
     if hasattr(model, "cfg"):
         from zoo.convert import convert_checkpoint
         sd = convert_checkpoint(sd, model)  # names the keys that do not fit
-    heads = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head.fc"
-    heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,)
+    heads = _classifiers(model)
     own = model.state_dict()
     for k in [k for k in sd if k.startswith(heads)]:
         if k not in own or sd[k].shape != own[k].shape:
@@ -581,8 +586,7 @@ def load_for_eval(model: str, checkpoint=None, ema: Optional[bool] = None):
         from zoo.checkpoint import read_state_dict
         sd = read_state_dict(checkpoint)
         probe = build_model(model, pretrained=False) if not is_zoo(model) else None
-        head = (probe.pretrained_cfg.get("classifier") if probe is not None else "head.fc") or "head.fc"
-        head = head[0] if isinstance(head, (list, tuple)) else head
+        head = _classifiers(probe)[0]
         n = sd[f"{head}.weight"].shape[0] if f"{head}.weight" in sd else None
         net = build_model(model, pretrained=True, num_classes=n,
                           pretrained_cfg_overlay=dict(file=str(checkpoint), state_dict=sd, num_classes=n))
