@@ -1,5 +1,5 @@
-"""Every family exports with torch.export, torch.jit.trace and to ONNX at a fixed size, and
-onnxruntime agrees with PyTorch (fp32, atol 1e-4). Reduced-width configs (tests/configs/tiny_*.yaml) keep CI cheap;
+"""Every family exports with torch.export, torch.jit.trace and to ONNX at a fixed image size and
+any batch size, and onnxruntime agrees with PyTorch (fp32, atol 1e-4). Reduced-width configs (tests/configs/tiny_*.yaml) keep CI cheap;
 the input is non-square and not a multiple of any window, so the padding paths are exported too."""
 import warnings
 from pathlib import Path
@@ -38,8 +38,8 @@ def _model(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_torch_and_onnx(family, tmp_path):
     model = _model(family)
-    x = torch.randn(2, 3, *SIZE)
-    program = export_program(model, SIZE, batch_size=2)
+    x = torch.randn(3, 3, *SIZE)  # traced at batch 2, so 3 proves the batch axis free
+    program = export_program(model, SIZE)
     with torch.no_grad():
         want = model(x)
         assert (program.module()(x) - want).abs().max().item() < 1e-5
@@ -49,14 +49,22 @@ def test_export_torch_and_onnx(family, tmp_path):
             traced = torch.jit.trace(model, x)  # what timm's (TorchScript) onnx_export runs
         assert (traced(x) - want).abs().max().item() < 1e-5
     path = export_onnx(program, tmp_path / f"{family}.onnx")  # from the program: traced once
-    diff, out = check_onnx(model, path, x)
-    print(f"{family}: onnxruntime vs PyTorch max |diff| {diff:.2e}")
-    assert out.shape == (2, 10)
-    assert diff < 1e-4, f"{family}: onnxruntime differs from PyTorch by {diff:.2e}"
+    for batch in (x, x[:1]):
+        diff, out = check_onnx(model, path, batch)
+        print(f"{family}: onnxruntime vs PyTorch max |diff| {diff:.2e} at batch {len(batch)}")
+        assert out.shape == (len(batch), 10)
+        assert diff < 1e-4, f"{family}: onnxruntime differs from PyTorch by {diff:.2e}"
 
 
-def test_export_onnx_from_module(tmp_path):
-    model = _model("biformer")
-    path = export_onnx(model, tmp_path / "m.onnx", (3, 65, 97))
-    diff, _ = check_onnx(model, path, input_size=(65, 97))
-    assert diff < 1e-4
+def test_export_features_at_fixed_batch(tmp_path):
+    """A features_only backbone exports all its levels as named outputs; an int batch_size fixes
+    the batch axis, and check_onnx builds its own input from the file's shape."""
+    import onnxruntime as ort
+    torch.manual_seed(0)
+    model = zoo.create_model(CONFIGS / "tiny_biformer.yaml", features_only=True, out_indices=(1, 3))
+    path = export_onnx(model, tmp_path / "m.onnx", (3, 65, 97), batch_size=1)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.shape for i in session.get_inputs()] == [[1, 3, 65, 97]]
+    assert [o.name for o in session.get_outputs()] == ["output0", "output1"]
+    diff, out = check_onnx(model, path)
+    assert [o.shape[0] for o in out] == [1, 1] and diff < 1e-4
