@@ -106,6 +106,12 @@ def test_lr_scales_with_batch():
 OK = "model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8}"  # valid; cases add one mistake
 
 
+def test_recipe_takes_the_names_eval_and_bench_take(tmp_path):
+    f = tmp_path / "short.yaml"
+    f.write_text(OK.replace("zoo_nat_tiny", "nat_tiny"))  # a zoo name without its prefix
+    assert load_recipe(f).model.name == "nat_tiny"
+
+
 @pytest.mark.parametrize("text, key, words", [
     ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8, epoch: 3}", "train.epoch", "unknown key"),
     ("model: {name: zoo_nat_tiny}\ntrain: {epochs: one, batch_size: 8}", "train.epochs", "expected int"),
@@ -490,12 +496,12 @@ def test_eval_matches_training_validation(trained, folder, capsys):
 def test_eval_says_which_weights_and_refuses_what_does_not_fit(trained, folder):
     out, _ = trained
     best = (out / "best").resolve()
-    raw = evaluate_folder("zoo_nat_demo", folder, checkpoint=best, ema=False, progress=False)
+    raw = evaluate_folder("nat_demo", folder, checkpoint=best, ema=False, progress=False)  # short name
     # a weights file of a checkpoint is read with its checkpoint's data config and classes
     from_file = evaluate_folder("zoo_nat_demo", folder, checkpoint=best / "model.safetensors", progress=False)
     assert [from_file[k] for k in ("count", "top1", "loss")] == [raw[k] for k in ("count", "top1", "loss")]
     for kw, words in [(dict(model_name="resnet18", checkpoint=best), "checkpoint is of 'zoo_nat_demo', not 'resnet18'"),
-                      (dict(model_name="zoo_nat_demo", checkpoint=None), "no weights to download")]:
+                      (dict(model_name="nat_demo", checkpoint=None), "no weights to download")]:
         with pytest.raises(CheckpointError, match=words):
             evaluate_folder(root=folder, progress=False, **kw)
 

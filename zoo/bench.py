@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import torch
 
-from zoo.engine import AMP_DTYPES, build_model, is_zoo
+from zoo.engine import AMP_DTYPES, build_model, is_zoo, resolve_name
 from zoo.distributed import pick_device
 
 
@@ -45,16 +45,6 @@ def bench_one(name: str, batch_size: int, img_size: int, dtype: Optional[str], d
             "images_per_s": batch_size * iters / dt, "ms_per_batch": 1000 * dt / iters, "peak_memory_mb": peak}
 
 
-def _resolve(name: str) -> str:
-    """A zoo name (also without its zoo_ prefix), a model YAML or a timm name; ValueError if none."""
-    import timm
-    if is_zoo(name) or timm.is_model(name):
-        return name
-    if timm.is_model("zoo_" + name):
-        return "zoo_" + name
-    raise ValueError(f"unknown model {name!r}: a zoo name (python -m zoo list), a model YAML or a timm name")
-
-
 def bench(models: List[str], batch_size: int = 32, img_size: int = 224, dtype: Optional[str] = None,
           device: str = "auto", warmup: int = 3, iters: int = 10, out: Optional[str] = None) -> List[dict]:
     """Each model measured in turn; a model that fails (out of memory, an error in its forward)
@@ -65,7 +55,7 @@ def bench(models: List[str], batch_size: int = 32, img_size: int = 224, dtype: O
     for key, v in (("batch_size", batch_size), ("img_size", img_size), ("iters", iters)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{key} must be a positive int, got {v!r}")
-    names = [_resolve(n) for n in models]  # every name checked before anything is measured
+    names = [resolve_name(n) for n in models]  # every name checked before anything is measured
     dev = pick_device(device)
     rows = []
     for name in names:

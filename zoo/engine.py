@@ -37,9 +37,21 @@ def is_zoo(name: str) -> bool:
     return name.startswith("zoo_") or name.endswith((".yaml", ".yml"))
 
 
+def resolve_name(name: str) -> str:
+    """The name ``build_model`` takes for a model YAML, a timm name or a zoo name (also without its
+    ``zoo_`` prefix, where timm has no model of that name); ValueError naming the choices if none."""
+    import timm
+    if name.endswith((".yaml", ".yml")) or timm.is_model(name):
+        return name
+    if timm.is_model("zoo_" + name):
+        return "zoo_" + name
+    raise ValueError(f"unknown model {name!r}: a zoo name (python -m zoo list), a model YAML or a timm name")
+
+
 def build_model(name: str, **kwargs) -> nn.Module:
-    """A zoo model (``zoo_`` name or YAML file) or any timm model."""
+    """A zoo model (see ``resolve_name``) or any timm model."""
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    name = resolve_name(name)
     if is_zoo(name):
         from zoo.registration import create_model
         return create_model(name, **kwargs)
@@ -558,6 +570,7 @@ def _timm_version() -> str:
 def load_for_eval(model: str, checkpoint=None, ema: Optional[bool] = None):
     """(model, data config or None, meta or None) for a zoo name/YAML with an optional checkpoint
     directory, or a timm name (``checkpoint`` may then be a weights file)."""
+    model = resolve_name(model)
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and ckpt.is_file() and (ckpt.parent / snapshot.META).is_file():
         # a weights file of a training checkpoint: read it with its checkpoint's metadata
@@ -568,7 +581,7 @@ def load_for_eval(model: str, checkpoint=None, ema: Optional[bool] = None):
         snap = snapshot.resolve(ckpt)
         meta = snapshot.read_meta(snap)
         arch = meta.get("architecture")
-        if arch and not model.endswith((".yaml", ".yml")) and arch not in (model, "zoo_" + model):
+        if arch and not model.endswith((".yaml", ".yml")) and arch != model:
             raise CheckpointError(f"{snap}: checkpoint is of {arch!r}, not {model!r}")
         yaml_file = snap / snapshot.MODEL_YAML
         source = str(yaml_file) if yaml_file.is_file() else model

@@ -365,9 +365,11 @@ def _check_model_name(name: str, file: Optional[Path], fail) -> None:
         if not any(p.is_file() for p in here):
             fail("model.name", f"model config {name!r} does not exist (looked for {', '.join(map(str, here))})")
         return
-    import timm
-    if not timm.is_model(name):
-        fail("model.name", f"unknown model {name!r}: a zoo name (python -m zoo list), a model YAML or a timm name")
+    from zoo.engine import resolve_name
+    try:
+        resolve_name(name)
+    except ValueError as e:
+        fail("model.name", str(e))
 
 
 def _flat(types) -> tuple:
