@@ -110,8 +110,9 @@ def test_user_yaml_through_zoo_create_model(tmp_path):
 def test_create_model_device_dtype_and_bad_keyword_values():
     m = timm.create_model(NAME, device="meta", dtype=torch.bfloat16)
     assert {(p.device.type, p.dtype) for p in m.parameters()} == {("meta", torch.bfloat16)}
-    for kw, words in [(dict(drop_path_rate=1.5), r"drop_path_rate must be a float in \[0, 1\), got 1.5"),
-                      (dict(num_classes=-3), "num_classes must be an int >= 0, got -3")]:
+    for kw, words in [(dict(drop_path_rate=1.5), r"drop_path_rate: must be in \[0, 1\), got 1.5"),
+                      (dict(num_classes=-3), "num_classes: must be >= 0, got -3"),
+                      (dict(in_chans=True), "in_chans: expected int, got True")]:
         with pytest.raises(ValueError, match=words):
             timm.create_model("zoo_nat_demo", **kw)
 

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from zoo.blocks import build, lookup
 from zoo.blocks.layers import NCHW, to_layout
-from zoo.config import MIN_INPUT, ModelConfig, StageConfig, load_config
+from zoo.config import MIN_INPUT, MODEL_OVERRIDES, ModelConfig, StageConfig, load_config, value_problem
 
 
 class Stage(nn.Module):
@@ -82,15 +82,13 @@ class Backbone(nn.Module):
         drop_rate = cfg.drop_rate if drop_rate is None else drop_rate
         drop_path_rate = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
         global_pool = cfg.head["pool"] if global_pool is None else global_pool
-        # create_model's keyword arguments, checked as the config checks its own keys
-        for key, v, ok, rule in (
-                ("num_classes", self.num_classes, lambda v: v >= 0, "an int >= 0"),
-                ("in_chans", self.in_chans, lambda v: v >= 1, "a positive int"),
-                ("drop_rate", drop_rate, lambda v: 0 <= v < 1, "a float in [0, 1)"),
-                ("drop_path_rate", drop_path_rate, lambda v: 0 <= v < 1, "a float in [0, 1)")):
-            number = isinstance(v, (int, float)) and not isinstance(v, bool)
-            if not (number and (isinstance(v, int) or key.endswith("rate")) and ok(v)):
-                raise ValueError(f"{cfg.name}: {key} must be {rule}, got {v!r}")
+        # create_model's keyword arguments, checked by the rules of the config keys they override
+        for key, v in (("num_classes", self.num_classes), ("in_chans", self.in_chans),
+                       ("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
+            kinds, _, check, rule = MODEL_OVERRIDES[key]
+            problem = value_problem(v, kinds, check, rule)
+            if problem:
+                raise ValueError(f"{cfg.name}: {key}: {problem}")
         # timm's device/dtype: build there (device='meta' allocates nothing), then cast
         with torch.device(device) if device is not None else contextlib.nullcontext():
             self._build(cfg, drop_rate, drop_path_rate, global_pool)

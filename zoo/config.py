@@ -48,6 +48,14 @@ PRETRAINED_KEYS = {"mean", "std", "crop_pct", "crop_mode", "interpolation", "lic
 # pretrained.mean may name a pair of (mean, std) instead of giving both as lists
 NAMED_STATS = {"imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), "inception": ((0.5,) * 3, (0.5,) * 3)}
 MIN_INPUT = 32
+# The model keys that create_model's keywords may also set: (types, default, check, rule). The
+# config and Backbone's keywords are checked by the same rules (``value_problem``).
+MODEL_OVERRIDES = {
+    "in_chans": (int, 3, lambda v: v > 0, "must be positive"),
+    "num_classes": (int, 1000, lambda v: v >= 0, "must be >= 0"),
+    "drop_rate": ((int, float), 0.0, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "drop_path_rate": ((int, float), 0.0, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+}
 # A variant inherits its base's reference source and checkpoint layout, never its figures.
 NOT_INHERITED_REFERENCE = ("params", "gmacs", "published")
 
@@ -436,13 +444,9 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path])
                 where(path, f"missing required key {key!r}")
             return default
         v = d[key]
-        kp = f"{path}.{key}" if path else key
-        ok = isinstance(v, kinds) and not (isinstance(v, bool) and bool not in _tuple(kinds))
-        if not ok:
-            names = "/".join(t.__name__ for t in _tuple(kinds))
-            where(kp, f"expected {names}, got {v!r}")
-        if check is not None and not check(v):
-            where(kp, f"{rule}, got {v!r}")
+        problem = value_problem(v, kinds, check, rule)
+        if problem:
+            where(f"{path}.{key}" if path else key, problem)
         return v
 
     keys(raw, TOP_KEYS, "")
@@ -459,8 +463,8 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path])
 
     m = raw["model"]
     keys(m, MODEL_KEYS, "model")
-    in_chans = typed(m, "in_chans", "model", int, 3, lambda v: v > 0, "must be positive")
-    num_classes = typed(m, "num_classes", "model", int, 1000, lambda v: v >= 0, "must be >= 0")
+    in_chans = typed(m, "in_chans", "model", *MODEL_OVERRIDES["in_chans"])
+    num_classes = typed(m, "num_classes", "model", *MODEL_OVERRIDES["num_classes"])
     _check_pretrained(pre, in_chans, typed, where)
     img = typed(m, "img_size", "model", (int, list), 224)
     if isinstance(img, list) and (len(img) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
@@ -469,8 +473,8 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path])
     img_size = _as_pair(img)
     if min(img_size) < MIN_INPUT:
         where("model.img_size", f"must be at least {MIN_INPUT}, got {img!r}")
-    drop_rate = typed(m, "drop_rate", "model", (int, float), 0.0, lambda v: 0 <= v < 1, "must be in [0, 1)")
-    dpr = typed(m, "drop_path_rate", "model", (int, float), 0.0, lambda v: 0 <= v < 1, "must be in [0, 1)")
+    drop_rate = typed(m, "drop_rate", "model", *MODEL_OVERRIDES["drop_rate"])
+    dpr = typed(m, "drop_path_rate", "model", *MODEL_OVERRIDES["drop_path_rate"])
 
     stem = validate_spec("stem", m.get("stem"), "model.stem", {"in_chans": in_chans}, where=where)
     if stem is None:
@@ -619,6 +623,16 @@ def _written(raw: dict, keypath: str) -> bool:
         else:
             return False
     return True
+
+
+def value_problem(v, kinds, check=None, rule: str = "") -> Optional[str]:
+    """What is wrong with ``v`` (not of ``kinds``, a bool where bool is not one of them, or failing
+    ``check``), or None."""
+    if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in _tuple(kinds)):
+        return f"expected {'/'.join(t.__name__ for t in _tuple(kinds))}, got {v!r}"
+    if check is not None and not check(v):
+        return f"{rule}, got {v!r}"
+    return None
 
 
 def _tuple(kinds):
