@@ -16,6 +16,8 @@ from __future__ import annotations
 import inspect
 from typing import Annotated, Callable, Dict, Optional, Tuple, Union
 
+from timm.layers import register_notrace_module
+
 KINDS = ("stem", "downsample", "block", "mixer", "norm", "context")
 
 # Parameters every class of a kind receives from the builder, not from the config file.
@@ -112,6 +114,8 @@ def register(kind: str, name: str) -> Callable[[type], type]:
             raise ValueError(f"{kind} {name!r} registered twice ({table[name].__qualname__}, {cls.__qualname__})")
         table[name] = cls
         cls.registered_name = name
+        if kind in ("stem", "norm"):  # leaves for timm's FX feature extraction: a stem pads per input
+            register_notrace_module(cls)  # size in Python, a subclass of BatchNorm checks x.dim()
         return cls
 
     return deco

@@ -1,6 +1,7 @@
 """timm's model API on zoo models, and clear errors for bad input tensors."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -55,6 +56,26 @@ def test_features_only_gives_strides_4_to_32():
     assert [tuple(o.shape[1:]) for o in outs] == [(96, 40, 24), (192, 20, 12), (384, 10, 6), (768, 5, 3)]
     m2 = timm.create_model("zoo_nat_mini", features_only=True, out_indices=(1, 3))
     assert m2.feature_info.reduction() == [8, 32] and len(m2.model.stages) == 4
+
+
+@pytest.mark.parametrize("family", ["nat", "swin", "cswin", "litv2", "biformer", "maxvit", "gcvit", "fastervit"])
+def test_fx_and_hook_features_are_the_stage_outputs(family):
+    """timm's other feature extractors: FX (stems, norms and stages are leaves, since they decide
+    padding per input size in Python) and forward hooks give each stage's output in its native
+    layout, the same numbers as the default NCHW features."""
+    config = Path(__file__).parent / "configs" / f"tiny_{family}.yaml"
+    x = torch.randn(2, 3, 64, 96)
+    torch.manual_seed(0)
+    getter = zoo.create_model(config, features_only=True).eval()
+    layouts = [s.out_layout for s in getter.model.stages]
+    with torch.no_grad():
+        want = getter(x)
+        for feature_cls in ("fx", "hook"):
+            torch.manual_seed(0)
+            got = zoo.create_model(config, features_only=True, feature_cls=feature_cls).eval()(x)
+            got = list(got.values()) if isinstance(got, dict) else got
+            for g, w, layout in zip(got, want, layouts, strict=True):
+                torch.testing.assert_close(g.permute(0, 3, 1, 2) if layout == "nhwc" else g, w)
 
 
 def test_reset_classifier(model):

@@ -5,7 +5,8 @@ import contextlib
 from typing import List, Optional, Tuple, Union
 
 import torch
-from timm.layers import ClassifierHead, NormMlpClassifierHead, trunc_normal_
+from timm.layers import (ClassifierHead, NormMlpClassifierHead, register_notrace_function,
+                         register_notrace_module, trunc_normal_)
 from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -15,6 +16,7 @@ from zoo.blocks.layers import NCHW, to_layout
 from zoo.config import MIN_INPUT, MODEL_OVERRIDES, ModelConfig, StageConfig, load_config, value_problem
 
 
+@register_notrace_module  # windows and padding are decided per input size: a leaf for FX
 class Stage(nn.Module):
     """An optional downsampler, optional stage-level context, then the blocks.
 
@@ -64,6 +66,22 @@ class Stage(nn.Module):
             else:
                 x = out
         return x
+
+
+@register_notrace_function  # runs (not traced) in timm's FX feature extraction
+def check_image_batch(x: torch.Tensor, name: str, in_chans: int) -> None:
+    """ValueError naming the model unless ``x`` is a floating point (B, in_chans, H, W) batch of at
+    least MIN_INPUT pixels a side."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}: expected an image batch of shape (B, {in_chans}, H, W), got {shape}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"{name}: expected {in_chans} input channels, got {x.shape[1]} "
+                         f"(input shape {tuple(x.shape)}; images are (B, C, H, W))")
+    if x.shape[2] < MIN_INPUT or x.shape[3] < MIN_INPUT:
+        raise ValueError(f"{name}: input must be at least {MIN_INPUT}x{MIN_INPUT}, got {x.shape[2]}x{x.shape[3]}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating point image batch, got {x.dtype}")
 
 
 class Backbone(nn.Module):
@@ -132,20 +150,6 @@ class Backbone(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{self.cfg.name}: expected an image batch of shape (B, {self.in_chans}, H, W), "
-                             f"got {shape}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"{self.cfg.name}: expected {self.in_chans} input channels, got {x.shape[1]} "
-                             f"(input shape {tuple(x.shape)}; images are (B, C, H, W))")
-        if x.shape[2] < MIN_INPUT or x.shape[3] < MIN_INPUT:
-            raise ValueError(f"{self.cfg.name}: input must be at least {MIN_INPUT}x{MIN_INPUT}, "
-                             f"got {x.shape[2]}x{x.shape[3]}")
-        if not x.is_floating_point():
-            raise ValueError(f"{self.cfg.name}: expected a floating point image batch, got {x.dtype}")
-
     def _run_stages(self, x: torch.Tensor, stages=None):
         """Yield (index, NCHW-or-native tensor, layout) after each stage."""
         layout = self.stem.layout
@@ -161,7 +165,7 @@ class Backbone(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image -> final feature map (B, C, H/32, W/32), after the final norm."""
-        self._check_input(x)
+        check_image_batch(x, self.cfg.name, self.in_chans)
         x = self.stem(x)
         layout = self.stem.layout
         for _, x, layout in self._run_stages(x):
@@ -181,7 +185,7 @@ class Backbone(nn.Module):
         """Per-stage feature maps (strides 4, 8, 16, 32 for four stages), timm's contract."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        self._check_input(x)
+        check_image_batch(x, self.cfg.name, self.in_chans)
         take, max_index = feature_take_indices(len(self.stages), indices)
         last = len(self.stages) - 1
         stages = self.stages[:max_index + 1] if (stop_early or intermediates_only) else self.stages
