@@ -18,6 +18,12 @@ def to_layout(x: torch.Tensor, current: str, wanted: str) -> torch.Tensor:
     return x.permute(0, 3, 1, 2)
 
 
+def run_mixer(mixer: nn.Module, x: torch.Tensor, ctx=None) -> torch.Tensor:
+    """A block's call of its token mixer: with the stage's context state when the mixer reads it
+    (``takes_context``, GC-ViT's global queries), so any block can host any mixer."""
+    return mixer(x, ctx) if getattr(mixer, "takes_context", False) else mixer(x)
+
+
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of a (B, C, H, W) map."""
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..kernels import na2d
 from .attention import check_heads
-from .layers import NCHW, NHWC
+from .layers import NCHW, NHWC, run_mixer
 from .registry import Positive, Prob, SpecError, build, register, spec_of
 
 
@@ -148,7 +148,7 @@ class LITv2Block(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
         if self.mixer is not None:
-            x = x + self.drop_path(self.mixer(self.norm1(x)))
+            x = x + self.drop_path(run_mixer(self.mixer, self.norm1(x), ctx))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

@@ -7,7 +7,7 @@ import torch
 from timm.layers import DropPath, LayerScale, Mlp
 from torch import nn
 
-from .layers import ACTIVATIONS, NHWC
+from .layers import ACTIVATIONS, NHWC, run_mixer
 from .registry import Positive, Prob, SpecError, build, register, spec_of
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "hardswish"]
@@ -29,7 +29,6 @@ class TransformerBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=ACTIVATIONS[act], drop=proj_drop)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.mixer_takes_context = getattr(self.mixer, "takes_context", False)
 
     @classmethod
     def check(cls, params: dict, ctx: dict) -> None:
@@ -37,7 +36,5 @@ class TransformerBlock(nn.Module):
             raise SpecError("mixer", "a transformer block needs a mixer")
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
-        y = self.norm1(x)
-        y = self.mixer(y, ctx) if self.mixer_takes_context else self.mixer(y)
-        x = x + self.drop_path1(self.ls1(y))
+        x = x + self.drop_path1(self.ls1(run_mixer(self.mixer, self.norm1(x), ctx)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

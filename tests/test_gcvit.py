@@ -134,6 +134,17 @@ def _tiny_raw():
                    {"depth": 2, "dim": 64, "context": {"type": "gcvit_global_query", "levels": 2}}]}}
 
 
+@pytest.mark.parametrize("block", ["litv2", "biformer"])
+def test_global_query_mixer_in_other_families_blocks(block):
+    """Any block can host the global-query mixer: its queries come from the stage's context."""
+    raw = _tiny_raw()
+    raw["model"]["block"]["type"] = block
+    raw["model"]["stages"][0]["depth"] = 2
+    model = zoo.Backbone(raw, num_classes=3)
+    model(torch.randn(2, 3, 64, 96)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.stages[1].context.parameters())
+
+
 def test_cycle_longer_than_depth_is_a_config_error():
     with pytest.raises(ConfigError, match=r"global_query: per-block list of length 2 is longer than the stage depth 1"):
         load_config(_tiny_raw())
