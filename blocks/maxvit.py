@@ -37,7 +37,7 @@ from torch import nn
 from ..kernels import na2d
 from .attention import QKVAttention, bias_table, check_heads, check_positive, pair
 from .layers import ACTIVATIONS, NCHW, NHWC
-from .registry import Pair, Positive, Prob, SpecError, register
+from .registry import Pair, Positive, PositiveInt, Prob, SpecError, register
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "hardswish"]
 
@@ -58,11 +58,11 @@ class MaxViTStem(nn.Module):
     downscale = 2
     first_conv = "conv1"
 
-    def __init__(self, in_chans: int, out_dim: int, width: Optional[int] = None, act: Activation = "gelu_tanh",
-                 bn_eps: Positive = 1e-3):
+    def __init__(self, in_chans: int, out_dim: int, width: Optional[PositiveInt] = None,
+                 act: Activation = "gelu_tanh", bn_eps: Positive = 1e-3):
         super().__init__()
         # ``width``: the stem's own width (64 in MaxViT-T/S/B), widened by stage 0's MBConv.
-        out_dim = width or out_dim
+        out_dim = out_dim if width is None else width
         # 'same' = TensorFlow's SAME padding: for stride 2 it pads (total - total // 2) at the
         # bottom/right, which PyTorch's symmetric padding cannot express.
         self.conv1 = create_conv2d(in_chans, out_dim, 3, stride=2, padding="same", bias=True)
@@ -134,11 +134,14 @@ def _make_divisible(v: float, divisor: int = 8) -> int:
     return new_v + divisor if new_v < 0.9 * v else new_v
 
 
-def _check_mbconv(params: dict) -> None:
+def _check_mbconv(params: dict, out_dim: int) -> None:
     if params["kernel_size"] < 1 or params["kernel_size"] % 2 == 0:
         raise SpecError("kernel_size", f"must be odd and >= 1, got {params['kernel_size']}")
     if not 0 <= params["se_ratio"] <= 1:
         raise SpecError("se_ratio", f"must be in [0, 1], got {params['se_ratio']}")
+    if params["se_ratio"] > 0 and int(params["se_ratio"] * out_dim) == 0:
+        raise SpecError("se_ratio", f"gives no squeeze-excitation channels at width {out_dim} "
+                                    f"(int({params['se_ratio']} * {out_dim}) = 0); use 0 for none")
 
 
 @register("block", "mbconv")
@@ -151,7 +154,7 @@ class MBConvBlock(MBConv):
 
     @classmethod
     def check(cls, params: dict, ctx: dict) -> None:
-        _check_mbconv(params)
+        _check_mbconv(params, ctx["dim"])
 
 
 @register("downsample", "mbconv")
@@ -169,7 +172,7 @@ class MBConvDownsample(MBConv):
 
     @classmethod
     def check(cls, params: dict, ctx: dict) -> None:
-        _check_mbconv(params)
+        _check_mbconv(params, ctx["out_dim"])
 
 
 @register("mixer", "grid")

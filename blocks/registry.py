@@ -56,6 +56,7 @@ class Range:
 
 Prob = Annotated[float, Range(0, 1, open_high=True)]  # dropout rates, momentum
 Positive = Annotated[float, Range(0, open_low=True)]  # norm eps, width ratios, layer-scale init
+PositiveInt = Annotated[int, Range(1)]  # widths, counts
 
 
 class Spec:

@@ -129,6 +129,26 @@ def test_stem_width_needs_a_downsample_to_change():
         load_config(raw)
 
 
+@pytest.mark.parametrize("change, words", [
+    (lambda m: m["stem"].update(width=-8), r"model\.stem\.width: expected .*>= 1.*got -8"),
+    (lambda m: m["block"][0].update(se_ratio=0.01), r"model\.block\[0\]\.se_ratio: gives no squeeze-excitation "
+                                                     r"channels at width 64"),
+])
+def test_widths_that_build_nothing_are_config_errors(change, words):
+    raw = _tiny_dict()
+    change(raw["model"])
+    with pytest.raises(ConfigError, match=words):
+        load_config(raw)
+
+
+def test_null_in_a_stage_downsample_drops_the_model_level_key():
+    raw = _tiny_dict()
+    raw["model"]["downsample"] = {"type": "mbconv", "se_ratio": 0.25}
+    raw["model"]["stages"][1]["downsample"] = {"se_ratio": None}
+    cfg = load_config(raw)
+    assert cfg.stages[2].downsample["se_ratio"] == 0.25 and "se_ratio" not in cfg.stages[1].downsample
+
+
 def test_bad_grid_size():
     raw = _tiny_dict()
     raw["model"]["block"][2]["mixer"]["grid_size"] = 0

@@ -498,7 +498,7 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path])
         ds_path = f"{sp}.downsample" if "downsample" in st else "model.downsample"
         if isinstance(ds_spec, dict) and isinstance(st.get("downsample"), dict) \
                 and isinstance(m.get("downsample"), dict) and "type" not in st["downsample"]:
-            ds_spec = {**m["downsample"], **st["downsample"]}
+            ds_spec = _merge(m["downsample"], st["downsample"], "", {}, Path("."))  # null drops a key
         if ds_spec is not None:
             ds = validate_spec("downsample", ds_spec, ds_path, {"in_dim": prev_dim, "out_dim": dim},
                                where=where_at)
