@@ -128,6 +128,17 @@ def test_user_yaml_through_zoo_create_model(tmp_path):
     assert feats.feature_info.reduction() == [4, 8, 16, 32]
 
 
+def test_create_model_from_a_config_dict():
+    import yaml
+    raw = yaml.safe_load((Path(__file__).parent / "configs" / "tiny_nat.yaml").read_text())
+    torch.manual_seed(0)
+    from_dict = zoo.create_model(raw, num_classes=4).eval()
+    torch.manual_seed(0)
+    from_file = zoo.create_model(Path(__file__).parent / "configs" / "tiny_nat.yaml", num_classes=4).eval()
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(from_dict(x), from_file(x))
+
+
 def test_create_model_device_dtype_and_bad_keyword_values():
     m = timm.create_model(NAME, device="meta", dtype=torch.bfloat16)
     assert {(p.device.type, p.dtype) for p in m.parameters()} == {("meta", torch.bfloat16)}

@@ -128,6 +128,8 @@ BAD = [
      "model.head.norm.type", "channels-first"),
     ("head activation unknown", lambda c: c["model"].update(head={"hidden_size": 8, "hidden_act": "swishy"}),
      "model.head.hidden_act", "unknown activation"),
+    ("head activation with no hidden layer", lambda c: c["model"].update(head={"hidden_act": "relu"}),
+     "model.head.hidden_act", "give model.head.hidden_size too"),
     ("named mean unknown", lambda c: c.update(pretrained={"mean": "imagenett"}), "pretrained.mean", "one of"),
     ("mean without std", lambda c: c.update(pretrained={"mean": [0.5, 0.5, 0.5]}), "pretrained.std",
      "list of 3 numbers"),

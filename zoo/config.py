@@ -558,6 +558,8 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path])
     hidden = typed(head, "hidden_size", "model.head", (int, type(None)), None, lambda v: v is None or v >= 1,
                    "must be a positive integer or null")
     act = typed(head, "hidden_act", "model.head", str, "tanh")
+    if "hidden_act" in head and hidden is None:
+        where("model.head.hidden_act", "acts only on the pre-logits layer: give model.head.hidden_size too")
     try:
         get_act_layer(act)
     except KeyError:

@@ -96,9 +96,10 @@ def register_all() -> None:
 
 
 def create_model(name_or_path, pretrained: bool = False, **kwargs) -> Backbone:
-    """A zoo model from a registered name (``zoo_nat_tiny`` or ``nat_tiny``) or a YAML file of yours."""
-    source = str(name_or_path)
-    if source.endswith((".yaml", ".yml")) or Path(source).is_file():
+    """A zoo model from a registered name (``zoo_nat_tiny`` or ``nat_tiny``), a YAML file of yours
+    or a config dict (the YAML's content)."""
+    source = name_or_path if isinstance(name_or_path, dict) else str(name_or_path)
+    if isinstance(source, dict) or source.endswith((".yaml", ".yml")) or Path(source).is_file():
         cfg = load_config(source)
         variant = PREFIX + cfg.name
         return build(cfg, variant, pretrained, pretrained_cfg=pretrained_cfg_for(cfg), **kwargs)
