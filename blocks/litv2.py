@@ -177,7 +177,11 @@ class DeformConv2d(nn.Module):
         # the authors ship.
         from torchvision.ops import deform_conv2d
         offset = self.conv_offset(x)
-        return deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride)
+        if x.dtype in (torch.float32, torch.float64):
+            return deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride)
+        # torchvision has no bf16 kernel (nor fp16 on a CPU): run it in fp32, as its CUDA autocast does
+        y = deform_conv2d(x.float(), offset.float(), self.weight.float(), self.bias.float(), stride=self.stride)
+        return y.to(x.dtype)
 
 
 @register("downsample", "deformable_merging")

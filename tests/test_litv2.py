@@ -92,3 +92,18 @@ def test_hilo_heads_split():
     hilo4 = model.stages[3].blocks[0].mixer  # window 1: every head is Lo-Fi (plain MSA)
     assert (hilo4.l_heads, hilo4.h_heads) == (32, 0)
     assert model.stages[0].blocks[0].mixer is None  # attention-free early stages
+
+
+def test_bf16_runs_deformable_merging_in_fp32():
+    """torchvision's deform_conv2d has no bf16 kernel: a bf16 model, and CPU autocast, still run."""
+    torch.manual_seed(0)
+    model = zoo.create_model(Path(__file__).parent / "configs" / "tiny_litv2.yaml", num_classes=3).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        want = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            amp = model(x)
+        low = model.to(torch.bfloat16)(x.bfloat16())
+    assert low.dtype == torch.bfloat16
+    for got in (amp, low):
+        torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
