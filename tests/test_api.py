@@ -128,6 +128,15 @@ def test_user_yaml_through_zoo_create_model(tmp_path):
     assert feats.feature_info.reduction() == [4, 8, 16, 32]
 
 
+def test_img_size_keyword_sets_the_data_config_and_is_checked():
+    m = timm.create_model("zoo_swin_tiny", img_size=(288, 320), device="meta")
+    assert m.pretrained_cfg["input_size"] == (3, 288, 320) and m.pretrained_cfg["pool_size"] == (9, 10)
+    assert timm.data.resolve_data_config({}, model=m)["input_size"] == (3, 288, 320)
+    assert m.cfg.img_size == (288, 320) and m.cfg.raw["model"]["img_size"] == [288, 320]  # saved with it
+    with pytest.raises(zoo.ConfigError, match=r"swin_tiny.yaml at img_size=16: model.img_size: must be at least 32"):
+        timm.create_model("zoo_swin_tiny", img_size=16)
+
+
 def test_create_model_from_a_config_dict():
     import yaml
     raw = yaml.safe_load((Path(__file__).parent / "configs" / "tiny_nat.yaml").read_text())

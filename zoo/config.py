@@ -23,7 +23,7 @@ import copy
 import inspect
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -379,6 +379,19 @@ class ModelConfig:
     @property
     def num_features(self) -> int:
         return self.stages[-1].dim
+
+
+def with_img_size(cfg: ModelConfig, img_size) -> ModelConfig:
+    """``cfg`` validated again at another ``model.img_size`` (timm's ``img_size`` keyword): the
+    size-dependent checks and the pretrained_cfg's input and pool sizes follow it. The model
+    itself runs at any input size either way."""
+    raw = {k: v for k, v in copy.deepcopy(cfg.raw).items() if k != "base"}  # already merged
+    raw["model"]["img_size"] = list(img_size) if isinstance(img_size, (tuple, list)) else img_size
+    try:
+        resized = load_config(raw, name=cfg.name)
+    except ConfigError as e:
+        raise ConfigError(f"{cfg.file or cfg.name} at img_size={img_size!r}", e.keypath, e.message) from None
+    return replace(resized, file=cfg.file, raw={**cfg.raw, "model": raw["model"]})
 
 
 def _as_pair(v) -> Tuple[int, int]:

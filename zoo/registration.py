@@ -17,7 +17,7 @@ from timm.models._registry import _model_entrypoints, generate_default_cfgs
 from zoo.backbone import Backbone
 from zoo.blocks import lookup
 from zoo.checkpoint import read_state_dict
-from zoo.config import MIN_INPUT, NAMED_STATS, ModelConfig, config_paths, load_config
+from zoo.config import MIN_INPUT, NAMED_STATS, ModelConfig, config_paths, load_config, with_img_size
 from zoo.convert import convert_checkpoint
 from zoo.errors import ConfigError
 
@@ -52,6 +52,11 @@ def build(cfg: ModelConfig, variant: str, pretrained: bool = False, pretrained_c
           **kwargs) -> Backbone:
     """timm's builder around Backbone: pretrained loading, features_only, pretrained_cfg."""
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    if kwargs.get("img_size") is not None:
+        cfg = with_img_size(cfg, kwargs.pop("img_size"))
+        sized = pretrained_cfg_for(cfg)
+        overlay = {"input_size": sized["input_size"], "pool_size": sized["pool_size"], **overlay}
+    kwargs.pop("img_size", None)
     if pretrained and overlay.get("file") and not overlay.get("state_dict"):
         # Read it here so a missing or corrupt file gets an error that names it.
         overlay["state_dict"] = read_state_dict(overlay["file"])
