@@ -49,7 +49,7 @@ def test_export_torch_and_onnx(family, tmp_path):
             traced = torch.jit.trace(model, x)  # what timm's (TorchScript) onnx_export runs
         assert (traced(x) - want).abs().max().item() < 1e-5
     path = export_onnx(program, tmp_path / f"{family}.onnx")  # from the program: traced once
-    for batch in (x, x[:1]):
+    for batch in (x[:2], x, x[:1]):  # the traced batch size and others
         diff, out = check_onnx(model, path, batch)
         print(f"{family}: onnxruntime vs PyTorch max |diff| {diff:.2e} at batch {len(batch)}")
         assert out.shape == (len(batch), 10)

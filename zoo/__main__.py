@@ -25,7 +25,7 @@ def _rows(names):
         ref, pub = cfg.reference, cfg.reference.get("published", {})
         yield dict(name=name, params=params, ref_params=ref.get("params"), gmacs=gmacs,
                    ref_gmacs=ref.get("gmacs"), pub_params=pub.get("params"), pub_gmacs=pub.get("gmacs"),
-                   top1=pub.get("top1"), source=ref.get("source", ""))
+                   top1=pub.get("top1"), note=pub.get("note"), source=ref.get("source", ""))
 
 
 def _fmt(v, spec=""):
@@ -42,7 +42,7 @@ def cmd_list(args) -> int:
         rows.append([r["name"], f"{r['params']:,}", _fmt(r["ref_params"], ","), f"{r['gmacs']:.2f}",
                      _fmt(r["ref_gmacs"], ".2f"),
                      f"{_fmt(r['pub_params'])} / {_fmt(r['pub_gmacs'])} / {_fmt(r['top1'])}"
-                     + ("" if ok else "  (MISMATCH)")])
+                     + (f" ({r['note']})" if r["note"] else "") + ("" if ok else "  (MISMATCH)")])
     if args.markdown:
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))

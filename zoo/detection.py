@@ -4,8 +4,9 @@
 the chosen ``out_indices``, an optional LayerNorm on each output (the Swin/NAT/CSWin detection
 backbones add one), early stages frozen, BatchNorm frozen. ``ZooFPN`` puts torchvision's feature
 pyramid on it and has the ``out_channels`` attribute torchvision's detectors read. The builders
-``faster_rcnn``/``mask_rcnn``/``retinanet`` pass any other keyword (``min_size``, ``max_size``,
-``box_detections_per_img``, ...) to torchvision's constructor.
+``faster_rcnn``/``mask_rcnn``/``retinanet`` pass the keywords that torchvision's detector or its
+image transform name (``min_size``, ``max_size``, ``box_detections_per_img``, ...) to torchvision,
+and any other to the backbone (``zoo.create_model``), which refuses what it does not know.
 
 Needs torchvision (``pip install zoo[detection]``).
 """

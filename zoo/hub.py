@@ -58,7 +58,9 @@ def save_pretrained(model: torch.nn.Module, save_dir, data_config: Optional[dict
     Load it back with ``timm.create_model("local-dir:<save_dir>", pretrained=True)`` (without
     ``pretrained=True`` timm builds the architecture with random weights), from the Hub with
     ``timm.create_model("hf-hub:<repo>", pretrained=True)`` after ``push_to_hub``, or with
-    ``timm.create_model(<architecture>, pretrained=True, pretrained_cfg_overlay=dict(file=<save_dir>/model.safetensors))``.
+    ``timm.create_model(<architecture>, pretrained=True, pretrained_cfg_overlay=dict(file=<save_dir>/model.safetensors,
+    num_classes=N))``: a file alone does not say how many classes it has, and timm replaces a
+    classifier whose size differs from the pretrained_cfg's with a new random one.
     """
     from timm.models import save_for_hf
     arch = _architecture(model)
