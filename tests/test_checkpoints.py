@@ -1,14 +1,17 @@
 """Original checkpoints load through timm's pretrained path and give the original logits.
 
-Swin is compared with timm's implementation itself. NAT/DiNAT's authors' code needs a NATTEN
+Swin is compared with timm's implementation itself, also at another window size (timm and the zoo
+both resize the relative position bias tables). NAT/DiNAT's authors' code needs a NATTEN
 release with relative positional bias, which no longer installs, so their layout is written here
 by hand from classification/nat.py's module names and must reproduce the zoo model it came from.
 """
 import re
+from pathlib import Path
 
 import pytest
 import timm
 import torch
+import yaml
 from safetensors.torch import save_file
 
 import zoo  # noqa: F401  (registers the zoo models)
@@ -61,6 +64,68 @@ def test_swin_original_microsoft_layout(tmp_path):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), atol=1e-4, rtol=0)
+
+
+def _variant(path, base, model):
+    """A config file of ``base`` with ``model`` merged over it."""
+    path.write_text(yaml.safe_dump({"base": str(base), "model": model}))
+    return str(path)
+
+
+def test_swin_at_another_window_equals_timm(tmp_path):
+    """timm's window-7 checkpoint in a window-12 model at 384: the bias tables resized as timm does."""
+    ref = _timm_swin("tiny")
+    path = _save(ref.state_dict(), tmp_path / "swin.safetensors")
+    config = _variant(tmp_path / "swin_w12.yaml", "swin_tiny", {"img_size": 384, "block": {"mixer": {"window_size": 12}}})
+    with pytest.warns(UserWarning, match=r"resized 12 relative position bias table\(s\) from 13x13 to 23x23"):
+        model = zoo.create_model(config, pretrained=True, pretrained_cfg_overlay=dict(file=path)).eval()
+    ref = _load("swin_tiny_patch4_window7_224", path, img_size=384, window_size=12)  # timm's own resizing
+    x = torch.randn(1, 3, 384, 384)
+    with torch.no_grad():
+        expected, got = ref(x), model(x)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+CONFIGS = Path(__file__).parent / "configs"
+OTHER_WINDOW = {  # each family's reduced config at another window, grid or kernel size
+    "swin": {"block": {"mixer": {"window_size": 5}}},
+    "maxvit": {"block": [{}, {"mixer": {"window_size": 5}}, {"mixer": {"grid_size": 5}}]},
+    "nat": {"block": {"mixer": {"kernel_size": 5}}},
+    "gcvit": {"img_size": 448, "block": {"mixer": {"window_size": 14}},  # windows double with the input
+              "stages": [{}, {}, {"block": {"mixer": {"window_size": 28}}}, {}]},
+}
+
+
+@pytest.mark.parametrize("family", sorted(OTHER_WINDOW))
+def test_zoo_checkpoint_at_another_window_is_resized(tmp_path, family):
+    torch.manual_seed(0)
+    src = zoo.create_model(CONFIGS / f"tiny_{family}.yaml")
+    with torch.no_grad():
+        for n, p in src.named_parameters():
+            if n.endswith("rpb"):
+                p.normal_(0, 1)
+    tables = {k: v for k, v in src.state_dict().items() if k.endswith("rpb")}
+    path = _save(src.state_dict(), tmp_path / "zoo.safetensors")
+    config = _variant(tmp_path / "other.yaml", CONFIGS / f"tiny_{family}.yaml", OTHER_WINDOW[family])
+    with pytest.warns(UserWarning, match=r"resized \d+ relative position bias table") as record:
+        model = zoo.create_model(config, pretrained=True, pretrained_cfg_overlay=dict(file=path)).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, *model.cfg.img_size)).isfinite().all()
+    counts = [int(m) for w in record for m in re.findall(r"resized (\d+) relative", str(w.message))]
+    assert sum(counts) == len(tables)
+    got = model.state_dict()
+    for k, v in tables.items():
+        assert got[k].shape != v.shape
+        h, w = (s // 2 for s in v.shape[1:])
+        torch.testing.assert_close(got[k][:, got[k].shape[1] // 2, got[k].shape[2] // 2], v[:, h, w])  # zero offset kept
+
+
+def test_bias_table_of_no_window_names_its_key(tmp_path):
+    sd = _timm_swin("tiny").state_dict()
+    sd["layers.0.blocks.0.attn.relative_position_bias_table"] = torch.zeros(170, 3)
+    with pytest.raises(CheckpointError, match=r"stages\.0\.blocks\.0\.mixer\.rpb \(170, 3\) vs \(3, 13, 13\)"):
+        _load("zoo_swin_tiny", _save(sd, tmp_path / "s.safetensors"))
 
 
 def _authors_nat_layout(sd):

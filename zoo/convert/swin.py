@@ -1,16 +1,24 @@
 """Swin: timm's layout and the original Microsoft layout -> zoo."""
 from __future__ import annotations
 
+import math
 import re
 
 from zoo.convert import register_converter, rename
 
 
 def rpb_from_swin_table(table, window):
-    """Swin's table ((2w-1)*(2w-1), heads) is indexed by query - key; the zoo's
-    (heads, 2w-1, 2w-1) by key - query (NATTEN's convention): flip both offset axes."""
-    wh, ww = window
-    return table.reshape(2 * wh - 1, 2 * ww - 1, -1).flip(0, 1).permute(2, 0, 1).contiguous()
+    """Swin's table ((2h-1)*(2w-1), heads) is indexed by query - key; the zoo's (heads, 2h-1, 2w-1)
+    by key - query (NATTEN's convention): flip both offset axes. ``window`` is the model's; a table
+    of another size is read as a square window's (as timm does), which ``resize_rpb`` then fits to
+    the model's, and one that is no window's is returned as it is, for the fit check to report."""
+    rows, side = table.shape[0], math.isqrt(table.shape[0])
+    size = (2 * window[0] - 1, 2 * window[1] - 1)
+    if rows != size[0] * size[1]:
+        if side * side != rows:
+            return table
+        size = (side, side)
+    return table.reshape(*size, -1).flip(0, 1).permute(2, 0, 1).contiguous()
 
 
 @register_converter("swin")
