@@ -568,6 +568,23 @@ def test_save_pretrained_loads_with_timm(tmp_path, monkeypatch):
     torch.testing.assert_close(c(x), ref)
 
 
+def test_a_model_from_your_own_yaml_saves_and_loads_with_zoo(tmp_path):
+    import timm
+    mine = tmp_path / "my_net.yaml"  # not registered: timm cannot rebuild it, zoo can from the saved YAML
+    mine.write_text("base: nat_demo\nmodel: {stages: [{}, {}, {depth: 1}, {}]}\n")
+    model = zoo.create_model(mine, num_classes=5, img_size=48).eval()
+    d = zoo.save_pretrained(model, tmp_path / "export")
+    loaded = zoo.create_model(d, pretrained=True).eval()
+    x = torch.randn(2, 3, 48, 48)
+    assert loaded.num_classes == 5 and loaded.pretrained_cfg["input_size"] == (3, 48, 48)
+    assert torch.equal(loaded(x), model(x))
+    assert not torch.equal(zoo.create_model(d).eval()(x), model(x))  # without pretrained: random weights
+    with pytest.raises(RuntimeError, match="zoo_my_net"):
+        timm.create_model(f"local-dir:{d}", pretrained=True)
+    with pytest.raises(ValueError, match="not a registered zoo model"):
+        zoo.push_to_hub(model, "me/my_net")
+
+
 def test_save_pretrained_refuses_a_user_yaml_that_shares_a_registered_name(tmp_path):
     mine = tmp_path / "nat_demo.yaml"  # a user's own nat_demo, one block shallower than the shipped one
     mine.write_text("base: nat_demo\nmodel: {stages: [{}, {}, {depth: 1}, {}]}\n")

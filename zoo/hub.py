@@ -2,8 +2,10 @@
 
 The directory is timm's own layout (config.json with ``architecture`` and ``pretrained_cfg``, plus
 model.safetensors), written by timm's ``save_for_hf``; zoo adds the resolved model YAML
-(``zoo_model.yaml``) so the architecture is on record beside the weights. The architecture must be
-a registered zoo name (a config under configs/models/) for ``timm.create_model`` to rebuild it.
+(``zoo_model.yaml``) so the architecture is on record beside the weights: ``zoo.create_model(<dir>,
+pretrained=True)`` rebuilds any zoo model from it. ``timm.create_model`` (``local-dir:``,
+``hf-hub:``) rebuilds registered zoo names only (configs under configs/models/), so ``push_to_hub``
+takes those only.
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ from zoo.registration import REGISTERED
 MODEL_YAML = "zoo_model.yaml"
 
 
-def _architecture(model: torch.nn.Module) -> str:
-    """The registered name timm rebuilds the model from; ValueError if it could not."""
+def _architecture(model: torch.nn.Module, for_timm: bool) -> str:
+    """The name the model is saved under; ValueError if it could not be rebuilt from the folder
+    (by timm, if ``for_timm``; else by timm or zoo.create_model from the saved YAML)."""
     if not hasattr(model, "num_classes"):  # timm's feature wrappers (features_only=True)
         raise ValueError(f"{type(model).__name__} is a features_only wrapper; save the model it wraps "
                          f"(create it without features_only) and ask for features when loading")
@@ -27,13 +30,16 @@ def _architecture(model: torch.nn.Module) -> str:
     if not arch:
         raise ValueError("the model has no pretrained_cfg['architecture']; build it with zoo.create_model or "
                          "timm.create_model")
-    if arch.startswith("zoo_") and arch not in REGISTERED:
+    if arch.startswith("zoo_") and arch not in REGISTERED and (for_timm or not getattr(model, "cfg", None)):
         raise ValueError(f"{arch} is not a registered zoo model: timm could not rebuild it from config.json. "
-                         f"Put its YAML under configs/models/ (registered as zoo_<file stem>).")
+                         f"Put its YAML under configs/models/ (registered as zoo_<file stem>), or save it with "
+                         f"zoo.save_pretrained and load it with zoo.create_model(<dir>, pretrained=True).")
     own = getattr(model, "cfg", None)
     if arch in REGISTERED and own is not None:
         from zoo.config import load_config
-        if load_config(REGISTERED[arch]).raw["model"] != own.raw["model"]:
+        def body(raw):  # img_size (timm's keyword) sets the data config, not the architecture
+            return {k: v for k, v in raw["model"].items() if k != "img_size"}
+        if body(load_config(REGISTERED[arch]).raw) != body(own.raw):
             raise ValueError(f"the model was built from {own.file or 'a dict'}, which shares the name {arch} with "
                              f"the registered {REGISTERED[arch]} but not its architecture: timm would rebuild the "
                              f"registered one from config.json. Give your YAML a name of its own and put it under "
@@ -55,7 +61,8 @@ def save_pretrained(model: torch.nn.Module, save_dir, data_config: Optional[dict
                     label_names=None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (+ the model YAML) into ``save_dir``.
 
-    Load it back with ``timm.create_model("local-dir:<save_dir>", pretrained=True)`` (without
+    Load it back with ``zoo.create_model(<save_dir>, pretrained=True)`` (any zoo model, from the
+    saved YAML), with ``timm.create_model("local-dir:<save_dir>", pretrained=True)`` (without
     ``pretrained=True`` timm builds the architecture with random weights), from the Hub with
     ``timm.create_model("hf-hub:<repo>", pretrained=True)`` after ``push_to_hub``, or with
     ``timm.create_model(<architecture>, pretrained=True, pretrained_cfg_overlay=dict(file=<save_dir>/model.safetensors,
@@ -63,7 +70,7 @@ def save_pretrained(model: torch.nn.Module, save_dir, data_config: Optional[dict
     classifier whose size differs from the pretrained_cfg's with a new random one.
     """
     from timm.models import save_for_hf
-    arch = _architecture(model)
+    arch = _architecture(model, for_timm=False)
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     model_config = {}
@@ -85,7 +92,7 @@ def push_to_hub(model: torch.nn.Module, repo_id: str, commit_message: str = "Add
     import tempfile
 
     from huggingface_hub import HfApi
-    _architecture(model)  # what save_pretrained would refuse, refused before a repo is created
+    _architecture(model, for_timm=True)  # refused before a repo is created: hf-hub: names need timm
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,6 +5,7 @@ the pretrained configs are collected here before the entrypoints are registered.
 """
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -101,9 +102,11 @@ def register_all() -> None:
 
 
 def create_model(name_or_path, pretrained: bool = False, **kwargs) -> Backbone:
-    """A zoo model from a registered name (``zoo_nat_tiny`` or ``nat_tiny``), a YAML file of yours
-    or a config dict (the YAML's content)."""
+    """A zoo model from a registered name (``zoo_nat_tiny`` or ``nat_tiny``), a YAML file of yours,
+    a config dict (the YAML's content) or a folder ``zoo.save_pretrained`` wrote."""
     source = name_or_path if isinstance(name_or_path, dict) else str(name_or_path)
+    if isinstance(source, str) and Path(source).is_dir():
+        return _from_saved(Path(source), pretrained, **kwargs)
     if isinstance(source, dict) or source.endswith((".yaml", ".yml")) or Path(source).is_file():
         cfg = load_config(source)
         variant = PREFIX + cfg.name
@@ -112,6 +115,20 @@ def create_model(name_or_path, pretrained: bool = False, **kwargs) -> Backbone:
     if name not in REGISTERED:
         raise ValueError(f"unknown zoo model {name_or_path!r}; registered: {sorted(REGISTERED)}")
     return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def _from_saved(folder: Path, pretrained: bool, **kwargs) -> Backbone:
+    """A folder ``zoo.save_pretrained`` wrote: the model from its YAML, with its weights if
+    ``pretrained``."""
+    from zoo.hub import MODEL_YAML
+    if not (folder / MODEL_YAML).is_file():
+        raise ValueError(f"{folder} has no {MODEL_YAML}: not a folder zoo.save_pretrained wrote")
+    arch = json.loads((folder / "config.json").read_text()).get("architecture", PREFIX + folder.name)
+    cfg = load_config(folder / MODEL_YAML, name=arch.removeprefix(PREFIX))
+    if pretrained:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(folder / "model.safetensors"),
+                                            **(kwargs.get("pretrained_cfg_overlay") or {})}
+    return build(cfg, PREFIX + cfg.name, pretrained, pretrained_cfg=pretrained_cfg_for(cfg), **kwargs)
 
 
 def list_models() -> list:
