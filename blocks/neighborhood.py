@@ -25,7 +25,6 @@ class NeighborhoodAttention(QKVAttention):
         super().__init__(dim, heads, qkv_bias, proj_drop)
         self.kernel_size = pair(kernel_size)
         self.dilation = pair(dilation)
-        kh, kw = self.kernel_size
         if rel_pos_bias:
             self.rpb = bias_table(heads, self.kernel_size)
         else:
@@ -33,6 +32,9 @@ class NeighborhoodAttention(QKVAttention):
 
     @classmethod
     def check(cls, params: dict, ctx: dict) -> None:
+        """Heads divide the width, the kernel is odd (a neighbourhood centred on its query), dilation
+        >= 1. Nothing bounds kernel x dilation by the feature map: ``forward`` zero-pads a smaller
+        map, as the authors' code does, so every image size the model accepts runs."""
         check_heads(params, ctx)
         for k in pair(params["kernel_size"]):
             if k < 1 or k % 2 == 0:
@@ -40,13 +42,6 @@ class NeighborhoodAttention(QKVAttention):
         for d in pair(params["dilation"]):
             if d < 1:
                 raise SpecError("dilation", f"must be >= 1, got {d}")
-        size = ctx.get("input_size")
-        if size is not None:
-            for axis, k, d, n in zip("HW", pair(params["kernel_size"]), pair(params["dilation"]), size):
-                if k * d > n:  # name the parameter to change: the kernel itself when it alone is too big
-                    raise SpecError("dilation" if k <= n else "kernel_size",
-                                    f"kernel {k} x dilation {d} = {k * d} exceeds the {n}-token feature map "
-                                    f"({axis}) at the model's img_size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape

@@ -4,7 +4,7 @@ Each kind of trunk module has its own namespace, so a downsampler and a mixer ma
 The parameters a YAML spec may set are read from the class's ``__init__`` signature: its type
 annotations drive validation, and the names in ``INJECTED`` are supplied by the builder (never by
 YAML). A class may add a ``check(cls, params, ctx)`` classmethod for rules that span several
-parameters (dim divisible by heads, kernel fits the feature map); it raises ``SpecError``.
+parameters (dim divisible by heads, a context the block needs); it raises ``SpecError``.
 
 ``register`` checks the contract the builder relies on, so that a user's class fails where it is
 registered rather than inside a model: a ``layout`` class attribute ("nhwc" or "nchw", the token

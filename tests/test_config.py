@@ -3,6 +3,7 @@ import copy
 import textwrap
 
 import pytest
+import torch
 import yaml
 
 import zoo
@@ -40,7 +41,7 @@ def test_good_config_builds_and_runs(tmp_path):
     cfg = load_config(path)
     assert [u[0]["mixer"]["dilation"] for u in cfg.stages[0].units] == [1, 2]  # the cycle, resolved
     model = zoo.create_model(path).eval()
-    assert model(__import__("torch").randn(1, 3, 64, 64)).shape == (1, 10)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
 
 
 def test_variant_states_only_what_differs(tmp_path):
@@ -77,6 +78,17 @@ def _stage0(c):
     return c["model"]["stages"][0]
 
 
+def test_neighborhood_wider_than_the_map_is_padded(tmp_path):
+    """kernel x dilation may exceed a feature map at the config's img_size: NAT/DiNAT's mixer
+    zero-pads the map, as the authors' code does (here dilation 8 x kernel 3 on a 16x16 map)."""
+    path = write(tmp_path, edit(lambda c: _stage0(c)["block"]["mixer"].update(dilation=[1, 8])))
+    with torch.no_grad():
+        assert zoo.create_model(path).eval()(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+    # DiNAT-T's dilation 8 on a 48-token map at 192; NAT-Mini's 7x7 kernel on a 2x2 last map at 64
+    for base, img_size in (("dinat_tiny", 192), ("nat_mini", 64)):
+        assert load_config({"base": base, "model": {"img_size": img_size}}).img_size == (img_size, img_size)
+
+
 # (kind of mistake, how to make it, the key path the error must name, words the message must hold)
 BAD = [
     ("unknown top-level key", lambda c: c.update(modle={}), "modle", "unknown key"),
@@ -101,8 +113,8 @@ BAD = [
     ("negative depth", lambda c: _stage0(c).update(depth=-1), "model.stages[0].depth", "positive"),
     ("cycle longer than the stage", lambda c: _stage0(c)["block"]["mixer"].update(dilation=[1, 2, 1]),
      "model.stages[0].block.mixer.dilation", "longer than the stage depth 2"),
-    ("dilation too large for the input", lambda c: _stage0(c)["block"]["mixer"].update(dilation=[1, 8]),
-     "model.stages[0].block.mixer.dilation[1]", "exceeds"),
+    ("dilation below 1", lambda c: _stage0(c)["block"]["mixer"].update(dilation=[1, 0]),
+     "model.stages[0].block.mixer.dilation[1]", "must be >= 1"),
     ("missing stages", lambda c: c["model"].pop("stages"), "model.stages", "non-empty list"),
     ("missing mixer type", lambda c: c["model"]["block"]["mixer"].pop("type"),
      "model.stages[0].block.mixer", "missing 'type'"),
@@ -216,7 +228,6 @@ def test_a_variant_states_its_own_figures_and_may_share_a_shipped_name(tmp_path)
 
 
 def test_a_mixer_of_your_own_needs_no_edit_to_the_builder(tmp_path):
-    import torch
     from torch import nn
 
     from zoo.blocks import register
