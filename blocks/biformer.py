@@ -30,7 +30,7 @@ from torch import nn
 
 from ..kernels import routed_attention
 from .attention import QKVAttention, check_heads
-from .layers import NCHW, NHWC
+from .layers import NCHW, NHWC, conv_length
 from .registry import Positive, Prob, SpecError, register, spec_of
 from .transformer import Activation, TransformerBlock
 
@@ -163,6 +163,7 @@ class BiFormerStem(nn.Module):
     """Two 3x3 stride-2 convs, each followed by BatchNorm, GELU between (the authors' stem)."""
     layout = NCHW
     downscale = 4
+    out_length = conv_length(3, 2, 1, convs=2)
     first_conv = "proj.0"
 
     def __init__(self, in_chans: int, out_dim: int):
@@ -184,6 +185,7 @@ class BiFormerDownsample(nn.Module):
     """A 3x3 stride-2 conv (with bias), then BatchNorm."""
     layout = NCHW
     downscale = 2
+    out_length = conv_length(3, 2, 1)
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..kernels import na2d
 from .attention import QKVAttention, check_heads
-from .layers import NHWC
+from .layers import NHWC, conv_length
 from .registry import Prob, SpecError, register
 
 
@@ -98,6 +98,7 @@ class CSWinStem(nn.Module):
     the convolution itself needs no padding to a multiple (the authors' code pads nothing here)."""
     layout = NHWC
     downscale = 4
+    out_length = conv_length(7, 4, 2)
     first_conv = "proj"
 
     def __init__(self, in_chans: int, out_dim: int):
@@ -114,6 +115,7 @@ class CSWinMerge(nn.Module):
     """The authors' Merge_Block: 3x3 stride-2 convolution with bias (padding 1), then LayerNorm."""
     layout = NHWC
     downscale = 2
+    out_length = conv_length(3, 2, 1)
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()

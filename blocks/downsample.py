@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import NHWC
+from .layers import NHWC, conv_length, padded_length
 from .registry import register
 
 
@@ -14,6 +14,7 @@ class ConvDownsample(nn.Module):
     """NAT/DiNAT: 3x3 stride-2 convolution without bias, then LayerNorm."""
     layout = NHWC
     downscale = 2
+    out_length = conv_length(3, 2, 1)
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
@@ -29,6 +30,7 @@ class PatchMerging(nn.Module):
     """Swin: concatenate each 2x2 neighbourhood (odd sizes zero-padded), LayerNorm, linear."""
     layout = NHWC
     downscale = 2
+    out_length = padded_length(2)
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()

@@ -56,7 +56,7 @@ from torch import nn
 
 from ..kernels import na2d
 from .attention import check_heads
-from .layers import NCHW, NHWC, LayerNorm2d
+from .layers import NCHW, NHWC, LayerNorm2d, conv_length
 from .registry import Positive, SpecError, read_context, register
 
 CPB_HIDDEN = 512  # hidden width of the authors' positional MLPs
@@ -77,6 +77,7 @@ class FasterViTStem(nn.Module):
     """Two 3x3 stride-2 convolutions (no bias), each with BatchNorm (eps 1e-4) and ReLU."""
     layout = NCHW
     downscale = 4
+    out_length = conv_length(3, 2, 1, convs=2)
     first_conv = "conv_down.0"
 
     def __init__(self, in_chans: int, out_dim: int, hidden_dim: int = 64):
@@ -102,6 +103,7 @@ class FasterViTDownsample(nn.Module):
     """LayerNorm2d (eps 1e-6) then a 3x3 stride-2 convolution without bias."""
     layout = NCHW
     downscale = 2
+    out_length = conv_length(3, 2, 1)
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()

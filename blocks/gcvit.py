@@ -34,7 +34,7 @@ from torch import nn
 
 from ..kernels import na2d
 from .attention import bias_table, check_heads, check_positive, pair
-from .layers import NCHW, NHWC, LayerNorm2d
+from .layers import NCHW, NHWC, LayerNorm2d, conv_length
 from .registry import Pair, Positive, Prob, SpecError, read_context, register
 
 
@@ -57,6 +57,7 @@ class GCViTDownsample(nn.Module):
     """LayerNorm2d, MBConvSE, 3x3 stride-2 conv (any size: output is ceil(n / 2)), LayerNorm2d."""
     layout = NCHW
     downscale = 2
+    out_length = conv_length(3, 2, 1)
 
     def __init__(self, in_dim: int, out_dim: int, norm_eps: Positive = 1e-5):
         super().__init__()
@@ -74,6 +75,7 @@ class GCViTStem(nn.Module):
     """3x3 stride-2 conv (with bias) to the first width, then a width-keeping downsample: /4."""
     layout = NCHW
     downscale = 4
+    out_length = conv_length(3, 2, 1, convs=2)
     first_conv = "conv1"
 
     def __init__(self, in_chans: int, out_dim: int, norm_eps: Positive = 1e-5):

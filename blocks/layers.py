@@ -1,4 +1,4 @@
-"""Small shared layers: layouts, norms by name, activations by name."""
+"""Small shared layers: layouts, norms by name, activations by name, output-size rules."""
 from __future__ import annotations
 
 import torch
@@ -22,6 +22,22 @@ def run_mixer(mixer: nn.Module, x: torch.Tensor, ctx=None) -> torch.Tensor:
     """A block's call of its token mixer: with the stage's context state when the mixer reads it
     (``takes_context``, GC-ViT's global queries), so any block can host any mixer."""
     return mixer(x, ctx) if getattr(mixer, "takes_context", False) else mixer(x)
+
+
+def conv_length(kernel: int, stride: int, padding: int, convs: int = 1):
+    """``out_length`` of a stem or downsampler whose resolution changes only in ``convs``
+    convolutions of this geometry: floor((n + 2 * padding - kernel) / stride) + 1 each."""
+    def out_length(n: int, params: dict) -> int:
+        for _ in range(convs):
+            n = (n + 2 * padding - kernel) // stride + 1
+        return n
+    return staticmethod(out_length)
+
+
+def padded_length(stride: int):
+    """``out_length`` of a module that zero-pads each axis to a multiple of ``stride`` and then
+    strides by it (Swin's padding, TF's 'SAME' convolutions): ceil(n / stride)."""
+    return staticmethod(lambda n, params: -(-n // stride))
 
 
 class LayerNorm2d(nn.LayerNorm):

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..kernels import na2d
 from .attention import check_heads
-from .layers import NCHW, NHWC, run_mixer
+from .layers import NCHW, NHWC, conv_length, run_mixer
 from .registry import Positive, Prob, SpecError, build, register, spec_of
 
 
@@ -193,6 +193,7 @@ class DeformableTokenMerging(nn.Module):
     """
     layout = NCHW
     downscale = 2
+    out_length = conv_length(2, 2, 0)
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()

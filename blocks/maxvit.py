@@ -36,7 +36,7 @@ from torch import nn
 
 from ..kernels import na2d
 from .attention import QKVAttention, bias_table, check_heads, check_positive, pair
-from .layers import ACTIVATIONS, NCHW, NHWC
+from .layers import ACTIVATIONS, NCHW, NHWC, padded_length
 from .registry import Pair, Positive, PositiveInt, Prob, SpecError, register
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "hardswish"]
@@ -56,6 +56,7 @@ def _init_conv(module: nn.Module) -> None:
 class MaxViTStem(nn.Module):
     layout = NCHW
     downscale = 2
+    out_length = padded_length(2)
     first_conv = "conv1"
 
     def __init__(self, in_chans: int, out_dim: int, width: Optional[PositiveInt] = None,
@@ -163,6 +164,7 @@ class MBConvDownsample(MBConv):
     skips building that one (``replaces_first_block``) and gives this one its drop-path rate.
     Its parameters must match the stage's MBConv block (the defaults of both are MaxViT's)."""
     downscale = 2
+    out_length = padded_length(2)
     replaces_first_block = "mbconv"  # the block type it stands in for (checked by the config)
 
     def __init__(self, in_dim: int, out_dim: int, expand_ratio: Positive = 4.0, kernel_size: int = 3,

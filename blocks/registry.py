@@ -8,8 +8,12 @@ parameters (dim divisible by heads, a context the block needs); it raises ``Spec
 
 ``register`` checks the contract the builder relies on, so that a user's class fails where it is
 registered rather than inside a model: a ``layout`` class attribute ("nhwc" or "nchw", the token
-layout it reads and writes), the injected ``__init__`` parameters, and for blocks a
-``forward(x, ctx)`` (ctx: the stage's context state, or None).
+layout it reads and writes), the injected ``__init__`` parameters, for blocks a
+``forward(x, ctx)`` (ctx: the stage's context state, or None), and for stems and downsamplers
+their sizes: ``downscale`` (the nominal stride that feature_info reports; ``downscale_of(params)``
+where a parameter sets it) and ``out_length(n, params)``, the exact length of an axis of ``n``
+after the module (convolutions, padding and cropping round differently; blocks.layers has the
+common rules). The config computes each stage's map size and timm's ``pool_size`` from these.
 """
 from __future__ import annotations
 
@@ -134,6 +138,11 @@ def _check_contract(kind: str, name: str, cls: type) -> None:
         problems.append(f"__init__ parameters {missing} (the builder passes them)")
     if kind == "block" and len(inspect.signature(cls.forward).parameters) < 3:
         problems.append("forward(self, x, ctx) (ctx: the stage's context state, or None)")
+    if kind in ("stem", "downsample"):
+        if not hasattr(cls, "downscale") and not hasattr(cls, "downscale_of"):
+            problems.append("a class attribute `downscale` (its stride) or `downscale_of(params)`")
+        if not callable(getattr(cls, "out_length", None)):
+            problems.append("`out_length(n, params)`, an axis's length after it (e.g. blocks.layers.conv_length)")
     if problems:
         raise TypeError(f"{kind} {name!r} ({cls.__qualname__}) cannot be registered: it needs " + "; ".join(problems))
 

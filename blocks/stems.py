@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import NHWC
+from .layers import NHWC, conv_length
 from .registry import SpecError, register
 
 
@@ -14,6 +14,7 @@ class ConvTokenizer(nn.Module):
     """NAT/DiNAT: two 3x3 stride-2 convolutions (overlapping), then LayerNorm."""
     layout = NHWC
     downscale = 4
+    out_length = conv_length(3, 2, 1, convs=2)
     first_conv = "proj.0"
 
     def __init__(self, in_chans: int, out_dim: int, norm: bool = True):
@@ -42,7 +43,11 @@ class PatchEmbed(nn.Module):
 
     @staticmethod
     def downscale_of(params: dict) -> int:
-        return params.get("patch_size", 4)
+        return params["patch_size"]
+
+    @staticmethod
+    def out_length(n: int, params: dict) -> int:
+        return -(-n // params["patch_size"])  # padded to a multiple of the patch
 
     @classmethod
     def check(cls, params: dict, ctx: dict) -> None:

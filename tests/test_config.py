@@ -268,3 +268,12 @@ def test_a_mixer_of_your_own_needs_no_edit_to_the_builder(tmp_path):
     with pytest.raises(TypeError, match=r"needs a class attribute `layout`.*__init__ parameters \['dim', "
                                         r"'drop_path'\].*forward\(self, x, ctx\)"):
         register("block", "test_broken_block")(NoLayoutNoCtx)
+
+    class StemWithoutSizes(nn.Module):  # the config could not size the stages after it
+        layout = "nchw"
+
+        def __init__(self, in_chans: int, out_dim: int):
+            super().__init__()
+
+    with pytest.raises(TypeError, match=r"`downscale` \(its stride\).*`out_length\(n, params\)`"):
+        register("stem", "test_broken_stem")(StemWithoutSizes)

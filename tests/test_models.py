@@ -11,9 +11,11 @@ import timm
 import torch
 
 import zoo
-from zoo.config import config_paths, load_config
+from zoo.blocks import registry
+from zoo.blocks.layers import NHWC
+from zoo.config import config_paths, load_config, resize
 from zoo.measure import measure
-from zoo.registration import REGISTERED
+from zoo.registration import REGISTERED, pretrained_cfg_for
 
 NAMES = zoo.list_models()
 # One model per family (and each hybrid): the smallest, since variants share their code paths.
@@ -81,6 +83,68 @@ def test_any_input_size_runs(name):
     if name in FAMILY_MODELS:  # an empty batch (a data shard's remainder) runs too
         with torch.no_grad():
             assert model(torch.randn(0, 3, 65, 97)).shape == (0, 7)
+
+
+# The config's stage sizes and timm's pool_size come from each stem's and downsampler's own
+# out_length: families round odd sizes differently (see test_any_input_size_runs).
+TINY_CONFIGS = sorted((Path(__file__).parent / "configs").glob("tiny_*.yaml"))
+# The tiny configs and the hybrids hold every stem and downsampler type the shipped configs use.
+SIZE_CONFIGS = TINY_CONFIGS + [REGISTERED[n] for n in NAMES if n.startswith("zoo_hybrid_")]
+ODD_SIZES = [(97, 131), (200, 200), (33, 47)]
+
+
+def _resizing_specs():
+    """(kind, spec) of every stem and downsampler spec in the shipped and test configs, and of
+    every other registered stem and downsampler type with its defaults."""
+    found = {}
+    for path in list(config_paths().values()) + TINY_CONFIGS:
+        cfg = load_config(path)
+        for kind, spec in [("stem", cfg.stem)] + [("downsample", s.downsample) for s in cfg.stages]:
+            if spec is not None:
+                found.setdefault(repr((kind, sorted(spec.items()))), (kind, spec))
+    for kind in ("stem", "downsample"):
+        for name in registry.names(kind):
+            if not any(k == kind and spec["type"] == name for k, spec in found.values()):
+                found[(kind, name)] = (kind, {"type": name})
+    return list(found.values())
+
+
+RESIZING = _resizing_specs()
+
+
+@pytest.mark.parametrize("kind,spec", RESIZING, ids=[f"{k}:" + ",".join(f"{p}={v}" for p, v in spec.items())
+                                                     for k, spec in RESIZING])
+def test_resize_is_the_module_output_size(kind, spec):
+    """The size the config gives a stem's or downsampler's output (config.resize, from the class's
+    out_length) is the size its module makes, at every residue of its stride: images of 32-40
+    px for stems, maps of 2-10 tokens for downsamplers (NHWC ones take channels-last maps)."""
+    layout = registry.lookup(kind, spec["type"]).layout
+    if kind == "stem":
+        module, lengths = registry.build(kind, spec, in_chans=3, out_dim=16), range(32, 41)
+    else:
+        module, lengths = registry.build(kind, spec, in_dim=8, out_dim=16), range(2, 11)
+    module.eval()
+    for h, w in zip(lengths, reversed(lengths)):
+        x = torch.randn(1, 3 if kind == "stem" else 8, h, w)
+        if kind == "downsample" and layout == NHWC:
+            x = x.permute(0, 2, 3, 1)
+        with torch.no_grad():
+            y = module(x)
+        made = tuple(y.shape[1:3]) if layout == NHWC else tuple(y.shape[2:])
+        assert resize(kind, spec, (h, w))[1] == made, (h, w)
+
+
+@pytest.mark.parametrize("path", SIZE_CONFIGS, ids=lambda p: p.stem)
+def test_config_sizes_are_the_forward_sizes(path):
+    """Each stage's input_size and timm's pool_size, computed by the config at odd img_size
+    values, are the feature maps forward_intermediates returns at that size."""
+    model = zoo.create_model(path).eval()
+    for h, w in ODD_SIZES:
+        cfg = load_config({"base": str(path), "model": {"img_size": [h, w]}})
+        with torch.no_grad():
+            feats = model.forward_intermediates(torch.randn(1, 3, h, w), intermediates_only=True)
+        assert [s.input_size for s in cfg.stages] == [tuple(f.shape[2:]) for f in feats], (h, w)
+        assert pretrained_cfg_for(cfg)["pool_size"] == tuple(feats[-1].shape[2:]), (h, w)
 
 
 @pytest.mark.parametrize("name", FAMILY_MODELS)

@@ -354,8 +354,8 @@ class StageConfig:
     units: List[List[dict]]  # units[i] = the resolved block specs of repetition i
     downsample: Optional[dict]
     context: Optional[dict]
-    reduction: int  # stride of this stage's output relative to the input image
-    input_size: Tuple[int, int]  # feature map size at the config's img_size
+    reduction: int  # nominal stride of this stage's output relative to the input image
+    input_size: Tuple[int, int]  # the stage's feature map (after its downsampler) at the config's img_size
 
 
 @dataclass
@@ -495,7 +495,7 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path])
     stages_raw = m.get("stages")
     if not isinstance(stages_raw, list) or not stages_raw:
         where("model.stages", f"must be a non-empty list of stages, got {stages_raw!r}")
-    reduction = _downscale("stem", stem)
+    reduction, size = resize("stem", stem, img_size)
     stages: List[StageConfig] = []
     prev_dim = None
     for s, st in enumerate(stages_raw):
@@ -515,7 +515,8 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path])
         if ds_spec is not None:
             ds = validate_spec("downsample", ds_spec, ds_path, {"in_dim": prev_dim, "out_dim": dim},
                                where=where_at)
-            reduction *= _downscale("downsample", ds)
+            stride, size = resize("downsample", ds, size)
+            reduction *= stride
         else:
             ds = None
             if s > 0 and prev_dim != dim:
@@ -523,7 +524,6 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path])
             if s == 0 and stem.get("width") not in (None, dim):  # a stem narrower than stage 0 (MaxViT)
                 where("model.stem.width", f"the stem's width {stem['width']} differs from the first stage's "
                                           f"dim {dim}, and that stage has no downsample to change it")
-        size = (-(-img_size[0] // reduction), -(-img_size[1] // reduction))
         # The stage's context (GC-ViT's global queries, FasterViT's carrier tokens) is checked
         # first: the blocks that read it say so through registry.read_context.
         ctx = {"dim": dim, "input_size": size, "stage": s, "img_size": img_size}
@@ -614,14 +614,15 @@ def _with_defaults(kind: str, spec: dict) -> dict:
     return {k: v for k, v in {**defaults, **spec}.items() if k not in registry.INJECTED[kind]}
 
 
-def _downscale(kind: str, spec: dict) -> int:
-    """How much a stem or downsampler divides the resolution (a class attribute, or a function of
-    the spec's parameters for classes such as a patch embedding with a configurable patch)."""
+def resize(kind: str, spec: dict, size: Tuple[int, int]) -> Tuple[int, Tuple[int, int]]:
+    """A (validated) stem or downsampler spec's stride (its class's ``downscale``, or
+    ``downscale_of(params)`` where a parameter sets it) and the (height, width) it makes of an
+    input of ``size``, from its class's ``out_length``: modules round odd sizes differently (ceil
+    for padded stride-2 convolutions, floor for CSWin's stem and LITv2's merging)."""
     cls = registry.lookup(kind, spec["type"])
-    fn = getattr(cls, "downscale_of", None)
-    if fn is not None:
-        return fn({k: v for k, v in spec.items() if k != "type"})
-    return getattr(cls, "downscale")
+    params = {k: v for k, v in _with_defaults(kind, spec).items() if k != "type"}
+    stride = cls.downscale_of(params) if hasattr(cls, "downscale_of") else cls.downscale
+    return stride, (cls.out_length(size[0], params), cls.out_length(size[1], params))
 
 
 _PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")

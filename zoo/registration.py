@@ -37,7 +37,7 @@ def pretrained_cfg_for(cfg: ModelConfig) -> dict:
     h, w = cfg.img_size
     out = dict(
         url="", num_classes=cfg.num_classes, input_size=(cfg.in_chans, h, w),
-        pool_size=(-(-h // cfg.stages[-1].reduction), -(-w // cfg.stages[-1].reduction)),
+        pool_size=cfg.stages[-1].input_size,
         crop_pct=p.get("crop_pct", 0.875), crop_mode=p.get("crop_mode", "center"),
         interpolation=p.get("interpolation", "bicubic"), mean=tuple(mean), std=tuple(std),
         first_conv=f"stem.{first_conv}", classifier="head.fc", min_input_size=(cfg.in_chans, MIN_INPUT, MIN_INPUT),
