@@ -39,10 +39,9 @@ def export_program(model: nn.Module, input_size: Sequence[int] = (224, 224),
                                    or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int or None (any batch), got {batch_size!r}")
     model = model.eval()
-    if batch_size is None:  # traced at 2: torch.export specialises a dimension it sees as 1
-        return torch.export.export(model, (_example(model, input_size, 2),),
-                                   dynamic_shapes=({0: torch.export.Dim("batch")},))
-    return torch.export.export(model, (_example(model, input_size, batch_size),))
+    free = batch_size is None  # then traced at 2: torch.export specialises a dimension it sees as 1
+    return torch.export.export(model, (_example(model, input_size, 2 if free else batch_size),),
+                               dynamic_shapes=({0: torch.export.Dim("batch")},) if free else None)
 
 
 def export_onnx(model: Union[nn.Module, torch.export.ExportedProgram], path: Union[str, Path],

@@ -53,11 +53,11 @@ def build(cfg: ModelConfig, variant: str, pretrained: bool = False, pretrained_c
           **kwargs) -> Backbone:
     """timm's builder around Backbone: pretrained loading, features_only, pretrained_cfg."""
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
-    if kwargs.get("img_size") is not None:
-        cfg = with_img_size(cfg, kwargs.pop("img_size"))
+    img_size = kwargs.pop("img_size", None)
+    if img_size is not None:
+        cfg = with_img_size(cfg, img_size)
         sized = pretrained_cfg_for(cfg)
         overlay = {"input_size": sized["input_size"], "pool_size": sized["pool_size"], **overlay}
-    kwargs.pop("img_size", None)
     if pretrained and overlay.get("file") and not overlay.get("state_dict"):
         # Read it here so a missing or corrupt file gets an error that names it.
         overlay["state_dict"] = read_state_dict(overlay["file"])
