@@ -86,6 +86,30 @@ def test_reset_classifier(model):
     assert m(torch.randn(1, 3, 64, 64)).shape == (1, m.num_features)
 
 
+@pytest.mark.parametrize("name", [NAME, "zoo_maxvit_tiny"])  # a plain head; one with norm and hidden layer
+def test_global_pool_empty_gives_logits_at_every_position(name):
+    torch.manual_seed(0)
+    pooled = timm.create_model(name).eval()
+    dense = timm.create_model(name, global_pool="").eval()
+    dense.load_state_dict(pooled.state_dict())  # same parameters: pretrained weights load either way
+    x = torch.randn(2, 3, 96, 128)
+    feats = dense.forward_features(x)
+    logits = dense.forward_head(feats)
+    assert logits.shape == (2, 1000, 3, 4)
+    for h, w in [(0, 0), (2, 3), (1, 2)]:  # at each position, the pooled head on that position alone
+        torch.testing.assert_close(logits[:, :, h, w], pooled.forward_head(feats[:, :, h:h + 1, w:w + 1]))
+    assert dense.forward_head(feats, pre_logits=True).shape == (2, dense.head_hidden_size, 3, 4)
+    dense.reset_classifier(7, "avg")
+    assert dense(x).shape == (2, 7)
+    pooled.reset_classifier(0, "")
+    assert pooled(x).shape == (2, pooled.head_hidden_size, 3, 4)
+    with pytest.raises(ValueError, match=r"global_pool: expected one of .*got 'mean'"):
+        timm.create_model(name, global_pool="mean")
+    if name == "zoo_maxvit_tiny":
+        with pytest.raises(ValueError, match="catavgmax doubles the pooled width"):
+            pooled.reset_classifier(3, "catavgmax")
+
+
 def test_grad_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
     m = timm.create_model(NAME, num_classes=3, drop_path_rate=0.0)  # no stochastic depth: deterministic

@@ -127,6 +127,8 @@ BAD = [
     ("width change without downsample", lambda c: c["model"].pop("downsample"), "model.stages[1].dim",
      "without a downsample"),
     ("head pool unknown", lambda c: c["model"].update(head={"pool": "median"}), "model.head.pool", "one of"),
+    ("head pool too wide for a head norm", lambda c: c["model"].update(
+        head={"pool": "catavgmax", "norm": {"type": "layernorm2d"}}), "model.head.pool", "doubles the pooled width"),
     ("activation not a choice", lambda c: c["model"]["block"].update(act="swish"),
      "model.block.act", "one of"),
     ("null block", lambda c: _stage0(c).update(block=[None]), "model.stages[0].block", "got null"),

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from zoo.blocks import build, lookup
 from zoo.blocks.layers import NCHW, to_layout
-from zoo.config import MIN_INPUT, MODEL_OVERRIDES, ModelConfig, StageConfig, load_config, value_problem
+from zoo.config import MIN_INPUT, MODEL_OVERRIDES, POOLS, ModelConfig, StageConfig, load_config, value_problem
 
 
 @register_notrace_module  # windows and padding are decided per input size: a leaf for FX
@@ -100,6 +100,7 @@ class Backbone(nn.Module):
         drop_rate = cfg.drop_rate if drop_rate is None else drop_rate
         drop_path_rate = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
         global_pool = cfg.head["pool"] if global_pool is None else global_pool
+        self._check_pool(global_pool)
         # create_model's keyword arguments, checked by the rules of the config keys they override
         for key, v in (("num_classes", self.num_classes), ("in_chans", self.in_chans),
                        ("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
@@ -131,6 +132,11 @@ class Backbone(nn.Module):
         self.norm = build("norm", cfg.norm, dim=self.num_features) or nn.Identity()
         self.norm_layout = getattr(self.norm, "layout", NCHW)
         head = cfg.head
+        # global_pool '' (no pooling): the head runs at every position of the final map, with the
+        # same parameters as the pooled head (so pretrained weights load); it is built to pool a
+        # 1x1 map, where any pooling is the identity.
+        self.dense_head = global_pool == ""
+        pool = global_pool or "avg"
         if head["norm"] is not None or head["hidden_size"]:
             norm_spec = dict(head["norm"] or {"type": "layernorm2d"})
             norm_cls = lookup("norm", norm_spec.pop("type"))
@@ -139,11 +145,10 @@ class Backbone(nn.Module):
                 return norm_cls(dim, **norm_spec).to(device=device, dtype=dtype)
 
             self.head = NormMlpClassifierHead(
-                self.num_features, self.num_classes, hidden_size=head["hidden_size"], pool_type=global_pool,
+                self.num_features, self.num_classes, hidden_size=head["hidden_size"], pool_type=pool,
                 drop_rate=drop_rate, norm_layer=head_norm, act_layer=head["hidden_act"])
         else:
-            self.head = ClassifierHead(self.num_features, self.num_classes, pool_type=global_pool,
-                                       drop_rate=drop_rate)
+            self.head = ClassifierHead(self.num_features, self.num_classes, pool_type=pool, drop_rate=drop_rate)
         self.head_hidden_size = self.head.num_features
         self.output_fmt = "NCHW"
         self.apply(_init_weights)
@@ -173,7 +178,13 @@ class Backbone(nn.Module):
         return self._final_norm(x, layout)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+        """Pooled logits (B, classes); with ``global_pool=''`` logits at every position of the map,
+        (B, classes, H, W), as timm's conv-headed models give them."""
+        if self.dense_head:
+            B, C, H, W = x.shape
+            x = self.head(x.permute(0, 2, 3, 1).reshape(B * H * W, C, 1, 1), pre_logits=pre_logits)
+            return x.reshape(B, H, W, -1).permute(0, 3, 1, 2)
+        return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -216,8 +227,21 @@ class Backbone(nn.Module):
     # ------------------------------------------------------------------ timm API
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            self._check_pool(global_pool)
         self.num_classes = num_classes
+        if global_pool is not None:
+            self.dense_head = global_pool == ""
+            global_pool = global_pool or "avg"
         self.head.reset(num_classes, global_pool)
+        self.head_hidden_size = self.head.num_features
+
+    def _check_pool(self, pool) -> None:
+        if pool not in POOLS:
+            raise ValueError(f"{self.cfg.name}: global_pool: expected one of {POOLS}, got {pool!r}")
+        if pool == "catavgmax" and (self.cfg.head["norm"] is not None or self.cfg.head["hidden_size"]):
+            raise ValueError(f"{self.cfg.name}: global_pool: catavgmax doubles the pooled width, which this "
+                             f"model's head (a norm or hidden layer) does not take")
 
     def get_classifier(self) -> nn.Module:
         return self.head.fc

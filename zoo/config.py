@@ -56,6 +56,9 @@ MODEL_OVERRIDES = {
     "drop_rate": ((int, float), 0.0, lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "drop_path_rate": ((int, float), 0.0, lambda v: 0 <= v < 1, "must be in [0, 1)"),
 }
+# The head's pooling (timm's global_pool): '' keeps the map and runs the head at every position.
+# catavgmax doubles the pooled width, which a head with a norm cannot take.
+POOLS = ("avg", "max", "avgmax", "catavgmax", "")
 # A variant inherits its base's reference source and checkpoint layout, never its figures.
 NOT_INHERITED_REFERENCE = ("params", "gmacs", "published")
 
@@ -562,9 +565,12 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path])
     head = m.get("head") or {}
     keys(head, HEAD_KEYS, "model.head")
     pool = head.get("pool", "avg")
-    if pool not in ("avg", "max", "avgmax", ""):
-        where("model.head.pool", f"expected one of 'avg', 'max', 'avgmax', '', got {pool!r}")
+    if pool not in POOLS:
+        where("model.head.pool", f"expected one of {POOLS}, got {pool!r}")
     head_norm = validate_spec("norm", head.get("norm"), "model.head.norm", {"dim": prev_dim}, where=where)
+    if pool == "catavgmax" and (head_norm is not None or head.get("hidden_size")):
+        where("model.head.pool", "catavgmax doubles the pooled width, which a head with a norm or hidden "
+                                 "layer does not take: use avg, max or avgmax")
     if head_norm is not None and registry.lookup("norm", head_norm["type"]).layout != NCHW:
         where("model.head.norm.type", f"the head's norm acts on the pooled (B, C, 1, 1) map: give a channels-first "
                                       f"norm (layernorm2d, batchnorm2d), not {head_norm['type']!r}")
