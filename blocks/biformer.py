@@ -135,7 +135,7 @@ class GlobalLePEAttention(QKVAttention):
 
 @register("block", "biformer")
 class BiFormerBlock(TransformerBlock):
-    """``x + dwconv(x)`` (a depth-wise conv positional embedding, before attention), then the
+    """``x + dwconv(x)`` (the ``dwconv`` positional encoding, ``pos_kernel`` wide), then the
     pre-norm transformer block. Takes and returns NCHW, as the authors' block does; LayerNorms use
     eps 1e-6 (the authors: "important to avoid attention collapsing")."""
     layout = NCHW
@@ -143,9 +143,9 @@ class BiFormerBlock(TransformerBlock):
     def __init__(self, dim: int, mixer: spec_of("mixer"), mlp_ratio: Positive = 3.0, pos_kernel: int = 3,
                  layer_scale: Optional[Positive] = None, act: Activation = "gelu", norm_eps: Positive = 1e-6,
                  proj_drop: Prob = 0.0, drop_path: float = 0.0):
-        super().__init__(dim, mixer, mlp_ratio, layer_scale, act, norm_eps, proj_drop, drop_path)
         # The authors hard-code padding=1, i.e. "same" padding for their kernel of 3.
-        self.pos_embed = _depthwise(dim, pos_kernel)
+        pos = {"type": "dwconv", "kernel_size": pos_kernel} if pos_kernel else None
+        super().__init__(dim, mixer, mlp_ratio, layer_scale, act, norm_eps, proj_drop, pos, drop_path)
 
     @classmethod
     def check(cls, params: dict, ctx: dict) -> None:
@@ -153,8 +153,6 @@ class BiFormerBlock(TransformerBlock):
         _check_odd(params, "pos_kernel")
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(x)
         return super().forward(x.permute(0, 2, 3, 1), ctx).permute(0, 3, 1, 2)
 
 

@@ -22,7 +22,7 @@ from typing import Annotated, Callable, Dict, Optional, Tuple, Union
 
 from timm.layers import register_notrace_module
 
-KINDS = ("stem", "downsample", "block", "mixer", "norm", "context")
+KINDS = ("stem", "downsample", "block", "mixer", "norm", "context", "pos")
 
 # Parameters every class of a kind receives from the builder, not from the config file.
 INJECTED = {
@@ -32,6 +32,7 @@ INJECTED = {
     "mixer": {"dim"},
     "norm": {"dim"},
     "context": {"dim"},
+    "pos": {"dim"},
 }
 
 _REGISTRY: Dict[str, Dict[str, type]] = {kind: {} for kind in KINDS}

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import NHWC, conv_length
-from .registry import SpecError, register
+from .registry import Positive, SpecError, register
 
 
 @register("stem", "conv_tokenizer")
@@ -35,11 +35,12 @@ class PatchEmbed(nn.Module):
     multiple of the patch are zero-padded at the bottom/right, as Swin's detection code does."""
     layout = NHWC
 
-    def __init__(self, in_chans: int, out_dim: int, patch_size: int = 4, norm: bool = True):
+    def __init__(self, in_chans: int, out_dim: int, patch_size: int = 4, norm: bool = True,
+                 norm_eps: Positive = 1e-5):
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, out_dim, patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(out_dim) if norm else nn.Identity()
+        self.norm = nn.LayerNorm(out_dim, eps=norm_eps) if norm else nn.Identity()
 
     @staticmethod
     def downscale_of(params: dict) -> int:

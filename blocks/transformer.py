@@ -1,4 +1,5 @@
-"""The pre-norm transformer block shared by most families: x + mixer(norm(x)), x + mlp(norm(x))."""
+"""The pre-norm transformer block shared by most families: x + mixer(norm(x)), x + mlp(norm(x)),
+after an optional positional encoding of its input (``pos``, e.g. BiFormer's depth-wise conv)."""
 from __future__ import annotations
 
 from typing import Literal, Optional
@@ -7,7 +8,7 @@ import torch
 from timm.layers import DropPath, LayerScale, Mlp
 from torch import nn
 
-from .layers import ACTIVATIONS, NHWC, run_mixer
+from .layers import ACTIVATIONS, NHWC, run_mixer, to_layout
 from .registry import Positive, Prob, SpecError, build, register, spec_of
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "hardswish"]
@@ -19,8 +20,9 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, dim: int, mixer: spec_of("mixer"), mlp_ratio: Positive = 4.0,
                  layer_scale: Optional[Positive] = None, act: Activation = "gelu", norm_eps: Positive = 1e-5,
-                 proj_drop: Prob = 0.0, drop_path: float = 0.0):
+                 proj_drop: Prob = 0.0, pos: spec_of("pos") = None, drop_path: float = 0.0):
         super().__init__()
+        self.pos_embed = build("pos", pos, dim=dim)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.mixer = build("mixer", mixer, dim=dim)
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
@@ -36,5 +38,8 @@ class TransformerBlock(nn.Module):
             raise SpecError("mixer", "a transformer block needs a mixer")
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        if self.pos_embed is not None:
+            layout = self.pos_embed.layout
+            x = to_layout(self.pos_embed(to_layout(x, NHWC, layout)), layout, NHWC)
         x = x + self.drop_path1(self.ls1(run_mixer(self.mixer, self.norm1(x), ctx)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
