@@ -126,6 +126,9 @@ BAD = [
     ("input smaller than 32", lambda c: c["model"].update(img_size=16), "model.img_size", "at least 32"),
     ("width change without downsample", lambda c: c["model"].pop("downsample"), "model.stages[1].dim",
      "without a downsample"),
+    ("too many downsamplings", lambda c: c["model"]["stages"].extend(  # 32 px: 8, 4, 2, 1, 0
+        [{"depth": 1, "dim": 32, "downsample": {"type": "convnext_downsample"}, "block": {"type": "convnext"}}] * 3),
+     "model.stages[4].downsample", "leaves a 0x0 map at the smallest input, 32x32"),
     ("head pool unknown", lambda c: c["model"].update(head={"pool": "median"}), "model.head.pool", "one of"),
     ("head pool too wide for a head norm", lambda c: c["model"].update(
         head={"pool": "catavgmax", "norm": {"type": "layernorm2d"}}), "model.head.pool", "doubles the pooled width"),

@@ -499,6 +499,8 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path])
     if not isinstance(stages_raw, list) or not stages_raw:
         where("model.stages", f"must be a non-empty list of stages, got {stages_raw!r}")
     reduction, size = resize("stem", stem, img_size)
+    smallest = resize("stem", stem, (MIN_INPUT, MIN_INPUT))[1]  # every model runs at MIN_INPUT px
+    _check_map(size, smallest, img_size, "model.stem", where)
     stages: List[StageConfig] = []
     prev_dim = None
     for s, st in enumerate(stages_raw):
@@ -519,6 +521,8 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path])
             ds = validate_spec("downsample", ds_spec, ds_path, {"in_dim": prev_dim, "out_dim": dim},
                                where=where_at)
             stride, size = resize("downsample", ds, size)
+            smallest = resize("downsample", ds, smallest)[1]
+            _check_map(size, smallest, img_size, ds_path, where_at)
             reduction *= stride
         else:
             ds = None
@@ -618,6 +622,15 @@ def _with_defaults(kind: str, spec: dict) -> dict:
     """A resolved spec with the class's defaults filled in."""
     _, defaults, _ = _signature(registry.lookup(kind, spec["type"]))
     return {k: v for k, v in {**defaults, **spec}.items() if k not in registry.INJECTED[kind]}
+
+
+def _check_map(size, smallest, img_size, path: str, where) -> None:
+    """A stem or downsampler must leave a map of at least 1x1, at img_size and at MIN_INPUT."""
+    for at, hw in ((f"img_size {img_size[0]}x{img_size[1]}", size),
+                   (f"the smallest input, {MIN_INPUT}x{MIN_INPUT}", smallest)):
+        if min(hw) < 1:
+            where(path, f"leaves a {hw[0]}x{hw[1]} map at {at}: too many downsamplings for the "
+                        f"input sizes a model must take")
 
 
 def resize(kind: str, spec: dict, size: Tuple[int, int]) -> Tuple[int, Tuple[int, int]]:
