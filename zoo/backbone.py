@@ -229,10 +229,9 @@ class Backbone(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None:
             self._check_pool(global_pool)
-        self.num_classes = num_classes
-        if global_pool is not None:
             self.dense_head = global_pool == ""
             global_pool = global_pool or "avg"
+        self.num_classes = num_classes
         self.head.reset(num_classes, global_pool)
         self.head_hidden_size = self.head.num_features
 
