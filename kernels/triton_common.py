@@ -70,10 +70,30 @@ def _store_rows(ptr, rows, ok, offs_d, d_ok, value):
 
 
 @triton.jit
-def _dense_rows(b, head, y, x, H, W, NUM_HEADS, DIM: tl.constexpr):
-    """Offsets of rows (b, y, x, head) of a contiguous (B, H, W, heads, DIM) tensor: the
-    outputs and gradients the kernels write, and the output gradient they read."""
-    return ((b * H + y) * W + x) * NUM_HEADS * DIM + head * DIM
+def _program(per_head, NUM_HEADS):
+    """A program's place in the kernels' one-dimensional grid (CUDA limits a second axis to 65535
+    blocks, which batch x heads may pass): its index among the ``per_head`` programs of its
+    (batch, head), then ``b * NUM_HEADS + head``, the batch item, the head. The first two of
+    those indices are int64, so the offsets built from them address tensors of 2**31 elements or
+    more (a qkv projection of 1024 px images at batch 64); offsets within one batch item stay
+    int32."""
+    pid = tl.program_id(0)
+    bh = pid // per_head
+    return pid % per_head, bh.to(tl.int64), (bh // NUM_HEADS).to(tl.int64), bh % NUM_HEADS
+
+
+@triton.jit
+def _dense_base(b, head, H, W, NUM_HEADS, DIM: tl.constexpr):
+    """Offset of element (b, 0, 0, head, 0) of a contiguous (B, H, W, heads, DIM) tensor (int64
+    with ``b`` from ``_program``): the outputs and gradients the kernels write, and the output
+    gradient they read. Rows from there: ``_dense_rows``."""
+    return b * H * W * NUM_HEADS * DIM + head * DIM
+
+
+@triton.jit
+def _dense_rows(y, x, W, NUM_HEADS, DIM: tl.constexpr):
+    """Offsets of rows (y, x) from ``_dense_base``: within one batch item."""
+    return (y * W + x) * (NUM_HEADS * DIM)
 
 
 @triton.jit
@@ -98,6 +118,12 @@ def dense_like(t: Tensor) -> Tensor:
     """What the kernels write for a tensor shaped like ``t``: contiguous, whatever t's strides
     (the custom ops' fake implementations say the same)."""
     return t.new_empty(t.shape)
+
+
+def on_device(t: Tensor):
+    """Launch on ``t``'s GPU: Triton launches on the current CUDA device, which need not be the
+    one the tensors are on (a model on cuda:1)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def interpreter_active() -> bool:
@@ -146,14 +172,28 @@ def launch_config(**cfg):
         _CONFIG_OVERRIDE.update(old)
 
 
+def compiles_for_gpu(t: Tensor) -> bool:
+    """Whether launches for ``t`` compile for a GPU (CUDA tensors) rather than run in the CPU
+    interpreter: the GPU's launch configuration and matmul precision rules apply. The tests that
+    compile the kernels for an H100 on a machine without one (tests/triton_harness.py) set it."""
+    return t.device.type == "cuda"
+
+
 def _config(q: Tensor, head_dim: Optional[int] = None):
+    """Block sizes and warps. On a GPU, chosen so that ptxas reports (almost) no register spills
+    for sm_90 at head dims 32, 64 and 128 (benchmarks/sm90_registers.py and its results file;
+    compiled, not timed: no GPU has run them yet); fp32 tiles hold twice the bytes, so smaller
+    blocks."""
     head_dim = q.shape[-1] if head_dim is None else head_dim
-    if q.device.type == "cpu":  # the interpreter: few big blocks cost less Python per element
+    if not compiles_for_gpu(q):  # the interpreter: few big blocks cost less Python per element
         cfg = dict(block_m=64, block_n=64, num_warps=1, num_stages=1)
+    elif q.dtype == torch.float32:
+        block = 32 if head_dim <= 64 else 16
+        cfg = dict(block_m=block, block_n=block, num_warps=8, num_stages=2)
     elif head_dim <= 64:
-        cfg = dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
+        cfg = dict(block_m=64, block_n=64, num_warps=8, num_stages=2)
     else:
-        cfg = dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
+        cfg = dict(block_m=64, block_n=32, num_warps=8, num_stages=2)
     return {**cfg, **_CONFIG_OVERRIDE}
 
 
@@ -164,9 +204,16 @@ def compiler_options(cfg: dict) -> dict:
     return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=True)
 
 
+def tf32_matmuls() -> bool:
+    """Whether torch lets fp32 matmuls use TF32. Read through the ``fp32_precision`` API where
+    torch has it: once a program sets that API, reading the legacy ``allow_tf32`` raises."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        return matmul.fp32_precision == "tf32"
+    return matmul.allow_tf32
+
+
 def _precision(q: Tensor) -> str:
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        return "upcast"
-    if q.dtype == torch.float32 and q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    if not compiles_for_gpu(q):
+        return "upcast" if q.dtype == torch.bfloat16 else "ieee"
+    return "tf32" if q.dtype == torch.float32 and tf32_matmuls() else "ieee"

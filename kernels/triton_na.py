@@ -49,9 +49,10 @@ import triton.language as tl
 
 # Generic pieces shared with the other Triton kernels, re-exported here (the names tests use).
 from .triton_common import (LOG2E, SUPPORTED_DTYPES, _config,
-                            _dense_rows, _dot, _load_rows, _online_softmax, _precision,
-                            _row_delta, _softmax_grad, _store_rows, compiler_options, dense_like,
-                            interpreter_active, io_layout, launch_config, triton_supports)
+                            _dense_base, _dense_rows, _dot, _load_rows, _online_softmax, _precision,
+                            _program, _row_delta, _softmax_grad, _store_rows, compiler_options, dense_like,
+                            interpreter_active, io_layout, launch_config, on_device,
+                            triton_supports)
 
 __all__ = ["na2d_triton", "triton_supports", "interpreter_active", "launch_config",
            "SUPPORTED_DTYPES"]
@@ -183,11 +184,8 @@ def _na_query_kernel(
     DQ and DRPB unused). True: dQ from the forward's log-sum-exp, after storing each query's
     delta for the dK/dV kernels; with RPB_GRAD, the bias-table gradient is added with atomics
     into copy ``pid % rpb_copies`` of the table. Only the chosen mode is compiled."""
-    pid = tl.program_id(0)
-    gh, gw, th, tw, n_h, n_w = _decode_patch(pid, tiles_h, tiles_w, H, W, DH, DW)
-    bh_id = tl.program_id(1)
-    b = bh_id // NUM_HEADS
-    head = bh_id % NUM_HEADS
+    patch, bh_id, b, head = _program(tiles_h * tiles_w * DH * DW, NUM_HEADS)
+    gh, gw, th, tw, n_h, n_w = _decode_patch(patch, tiles_h, tiles_w, H, W, DH, DW)
     qi, qj, q_ok = _patch_tokens(th, tw, n_h, n_w, TH, TW)
     sh = _window_start(qi, n_h, KH, SH, OH, PART_H)
     sw = _window_start(qj, n_w, KW, SW, OW, PART_W)
@@ -198,13 +196,15 @@ def _na_query_kernel(
     base = b * s_b + head * s_h
     qy, qx = qi * DH + gh, qj * DW + gw
     q = _load_rows(Q + base, qy * s_y + qx * s_x, q_ok, offs_d, d_ok)
-    o_rows = _dense_rows(b, head, qy, qx, H, W, NUM_HEADS, HEAD_DIM)
-    row = bh_id * H * W + qy * W + qx
+    o_at = _dense_base(b, head, H, W, NUM_HEADS, HEAD_DIM)
+    o_rows = _dense_rows(qy, qx, W, NUM_HEADS, HEAD_DIM)
+    row_at = bh_id * H * W  # of LSE and DELTA, (B, heads, H, W)
+    row = qy * W + qx
     if BACKWARD:
-        delta, do = _row_delta(O, DO, o_rows, q_ok, offs_d, d_ok)
-        lse = tl.load(LSE + row, mask=q_ok, other=0.0)
-        tl.store(DELTA + row, delta, mask=q_ok)  # for the dK/dV kernels, launched after this one
-        drpb_base = DRPB + (pid % rpb_copies) * NUM_HEADS * (2 * KH - 1) * (2 * KW - 1)
+        delta, do = _row_delta(O + o_at, DO + o_at, o_rows, q_ok, offs_d, d_ok)
+        lse = tl.load(LSE + row_at + row, mask=q_ok, other=0.0)
+        tl.store(DELTA + row_at + row, delta, mask=q_ok)  # for the dK/dV kernels, launched after this one
+        drpb_base = DRPB + (patch % rpb_copies) * NUM_HEADS * (2 * KH - 1) * (2 * KW - 1)
         dq = tl.zeros([TH * TW, BLOCK_D], tl.float32)
     else:
         m_i = tl.full([TH * TW], float("-inf"), tl.float32)
@@ -232,7 +232,7 @@ def _na_query_kernel(
                 bh = kr[None, :] - qi[:, None] + KH - 1
                 bw = kc[None, :] - qj[:, None] + KW - 1
                 ptr = drpb_base + head * (2 * KH - 1) * (2 * KW - 1) + bh * (2 * KW - 1) + bw
-                tl.atomic_add(ptr, ds, mask=mask)
+                tl.atomic_add(ptr, ds, mask=mask, sem="relaxed")  # no ordering needed: only summed
         else:
             m_i, l_i, acc = _online_softmax(m_i, l_i, acc, tl.where(mask, s, float("-inf")), v,
                                             PRECISION)
@@ -259,11 +259,11 @@ def _na_query_kernel(
                                                         PRECISION)
 
     if BACKWARD:
-        _store_rows(DQ, o_rows, q_ok, offs_d, d_ok, dq * sm_scale)
+        _store_rows(DQ + o_at, o_rows, q_ok, offs_d, d_ok, dq * sm_scale)
     else:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        _store_rows(O, o_rows, q_ok, offs_d, d_ok, acc / l_safe[:, None])
-        tl.store(LSE + row, m_i + tl.log2(l_safe), mask=q_ok)
+        _store_rows(O + o_at, o_rows, q_ok, offs_d, d_ok, acc / l_safe[:, None])
+        tl.store(LSE + row_at + row, m_i + tl.log2(l_safe), mask=q_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,16 +297,16 @@ def _na_bwd_dkdv_kernel(
     HAS_RPB: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # keys of this program: a TH x TW patch of one dilation group
-    gh, gw, th, tw, n_h, n_w = _decode_patch(tl.program_id(0), tiles_h, tiles_w, H, W, DH, DW)
-    bh_id = tl.program_id(1)
-    b = bh_id // NUM_HEADS
-    head = bh_id % NUM_HEADS
+    patch, bh_id, b, head = _program(tiles_h * tiles_w * DH * DW, NUM_HEADS)
+    gh, gw, th, tw, n_h, n_w = _decode_patch(patch, tiles_h, tiles_w, H, W, DH, DW)
     kr, kc, k_ok = _patch_tokens(th, tw, n_h, n_w, TH, TW)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     base = b * s_b + head * s_h
+    o_at = _dense_base(b, head, H, W, NUM_HEADS, HEAD_DIM)  # do, dk, dv
+    row_at = bh_id * H * W  # lse, delta
     ky, kx = kr * DH + gh, kc * DW + gw
     k = _load_rows(K + base, ky * s_y + kx * s_x, k_ok, offs_d, d_ok)
     v = _load_rows(V + base, ky * s_y + kx * s_x, k_ok, offs_d, d_ok)
@@ -329,27 +329,26 @@ def _na_bwd_dkdv_kernel(
         sw = _window_start(qj, n_w, KW, SW, OW, PART_W)
         qy, qx = qi * DH + gh, qj * DW + gw
         q = _load_rows(Q + base, qy * s_y + qx * s_x, q_ok, offs_d, d_ok)
-        do = _load_rows(DO, _dense_rows(b, head, qy, qx, H, W, NUM_HEADS, HEAD_DIM), q_ok,
-                        offs_d, d_ok)
-        row = bh_id * H * W + qy * W + qx
-        lse = tl.load(LSE + row, mask=q_ok, other=0.0)
-        delta = tl.load(DELTA + row, mask=q_ok, other=0.0)
+        do = _load_rows(DO + o_at, _dense_rows(qy, qx, W, NUM_HEADS, HEAD_DIM), q_ok, offs_d, d_ok)
+        row = qy * W + qx
+        lse = tl.load(LSE + row_at + row, mask=q_ok, other=0.0)
+        delta = tl.load(DELTA + row_at + row, mask=q_ok, other=0.0)
         s, mask = _window_logits(q, k, qi, qj, kr, kc, sh, sw, q_ok[:, None] & k_ok[None, :],
                                  RPB, head, qk_scale, KH, KW, HAS_RPB, PRECISION)
         p, ds = _softmax_grad(s, mask, lse, delta, do, v, PRECISION)
         dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION)
         dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
 
-    k_rows = _dense_rows(b, head, ky, kx, H, W, NUM_HEADS, HEAD_DIM)
-    _store_rows(DK, k_rows, k_ok, offs_d, d_ok, dk * sm_scale)
-    _store_rows(DV, k_rows, k_ok, offs_d, d_ok, dv)
+    k_rows = _dense_rows(ky, kx, W, NUM_HEADS, HEAD_DIM)
+    _store_rows(DK + o_at, k_rows, k_ok, offs_d, d_ok, dk * sm_scale)
+    _store_rows(DV + o_at, k_rows, k_ok, offs_d, d_ok, dv)
 
 
 @triton.jit
 def _na_bwd_extra_kernel(
     Q, DO, LSE, DELTA, AK, AV, DAK, DAV,
     s_b, s_y, s_x, s_h, s_eb, s_ey, s_ex, s_en, s_eh,
-    H, W, NUM_HEADS, N_EXTRA, windows_w, extra_blocks, qk_scale, sm_scale,
+    H, W, NUM_HEADS, N_EXTRA, windows_h, windows_w, extra_blocks, qk_scale, sm_scale,
     KH: tl.constexpr, KW: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr,
     PER_WINDOW: tl.constexpr, FIRST_H: tl.constexpr, FIRST_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -357,13 +356,10 @@ def _na_bwd_extra_kernel(
 ):
     """dK/dV of a block of one window's extra tokens, looping over the queries of that window
     (every query for global tokens, one window of the whole map)."""
-    pid = tl.program_id(0)
-    window = pid // extra_blocks
+    local, bh_id, b, head = _program(windows_h * windows_w * extra_blocks, NUM_HEADS)
+    window = local // extra_blocks
     wy = window // windows_w
     wx = window % windows_w
-    bh_id = tl.program_id(1)
-    b = bh_id // NUM_HEADS
-    head = bh_id % NUM_HEADS
     lo_h, hi_h = _window_extent(wy, H, KH, OH, FIRST_H, PER_WINDOW)
     lo_w, hi_w = _window_extent(wx, W, KW, OW, FIRST_W, PER_WINDOW)
     rect_w = hi_w - lo_w
@@ -373,9 +369,11 @@ def _na_bwd_extra_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     e_base = b * s_eb + wy * s_ey + wx * s_ex + head * s_eh
-    offs_n = (pid % extra_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (local % extra_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     k, v, e_ok = _load_extra(AK, AV, e_base, offs_n, N_EXTRA, s_en, offs_d, d_ok)
     base = b * s_b + head * s_h
+    o_at = _dense_base(b, head, H, W, NUM_HEADS, HEAD_DIM)  # do
+    row_at = bh_id * H * W  # lse, delta
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -385,10 +383,9 @@ def _na_bwd_extra_kernel(
         y = lo_h + idx // rect_w
         x = lo_w + idx % rect_w
         q = _load_rows(Q + base, y * s_y + x * s_x, q_ok, offs_d, d_ok)
-        do = _load_rows(DO, _dense_rows(b, head, y, x, H, W, NUM_HEADS, HEAD_DIM), q_ok, offs_d,
-                        d_ok)
-        lse = tl.load(LSE + bh_id * H * W + y * W + x, mask=q_ok, other=0.0)
-        delta = tl.load(DELTA + bh_id * H * W + y * W + x, mask=q_ok, other=0.0)
+        do = _load_rows(DO + o_at, _dense_rows(y, x, W, NUM_HEADS, HEAD_DIM), q_ok, offs_d, d_ok)
+        lse = tl.load(LSE + row_at + y * W + x, mask=q_ok, other=0.0)
+        delta = tl.load(DELTA + row_at + y * W + x, mask=q_ok, other=0.0)
         s = _dot(q, tl.trans(k), PRECISION) * qk_scale
         p, ds = _softmax_grad(s, q_ok[:, None] & e_ok[None, :], lse, delta, do, v, PRECISION)
         dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION)
@@ -476,7 +473,7 @@ def _query_pass(geo: "_Geometry", q, k, v, rpb, ak, av, out, lse, scale, grad_ou
         drpb = torch.zeros(copies, geo.heads, table, device=q.device, dtype=torch.float32)
     # q stands for the absent tensors: never read (their constexpr flags are off)
     absent = [t if t is not None else q for t in (rpb, ak, av, grad_out, delta, dq, drpb)]
-    _na_query_kernel[(grid0, q.shape[0] * geo.heads)](
+    _na_query_kernel[(grid0 * q.shape[0] * geo.heads,)](
         q, k, v, *absent[:3], out, lse, *absent[3:],
         q.stride(0), q.stride(1), q.stride(2), q.stride(3), *e_strides,
         geo.H, geo.W, geo.heads, n_extra, tiles[0], tiles[1], scale * LOG2E, scale, copies,
@@ -507,7 +504,7 @@ def _backward(grad_out, q, k, v, out, lse, rpb, ak, av, kernel_size, stride, dil
     q, k, v, rpb, ak, av = _as_read(q, k, v, rpb, ak, av)
     geo = _Geometry(q, kernel_size, stride, dilation, offset)
     B = q.shape[0]
-    grad_out = grad_out.contiguous()
+    grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
     delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dQ pass
     dq, dk, dv = dense_like(q), dense_like(k), dense_like(v)
     drpb = _query_pass(geo, q, k, v, rpb, ak, av, out, lse, scale, grad_out, delta, dq, rpb_grad)
@@ -520,7 +517,7 @@ def _backward(grad_out, q, k, v, out, lse, rpb, ak, av, kernel_size, stride, dil
     strides = (q.stride(0), q.stride(1), q.stride(2), q.stride(3))
     th, tw, tiles, grid0 = geo.patches(geo.cfg["block_n"])
     cand = tuple(triton.next_power_of_2(t + 4 * kk) for t, kk in zip((th, tw), kernel_size))
-    _na_bwd_dkdv_kernel[(grid0, B * geo.heads)](
+    _na_bwd_dkdv_kernel[(grid0 * B * geo.heads,)](
         q, k, v, grad_out, lse, delta, rpb if rpb is not None else dummy, dk, dv,
         *strides, geo.H, geo.W, geo.heads, tiles[0], tiles[1], scale * LOG2E, scale,
         **cx, TH=th, TW=tw, BLOCK_M=geo.cfg["block_m"], CAND_H=cand[0], CAND_W=cand[1],
@@ -532,9 +529,9 @@ def _backward(grad_out, q, k, v, out, lse, rpb, ak, av, kernel_size, stride, dil
         dak, dav = torch.empty_like(ak), torch.empty_like(av)
         block_n = geo.cfg["block_n"]
         blocks = triton.cdiv(n_extra, block_n)
-        _na_bwd_extra_kernel[(windows[0] * windows[1] * blocks, B * geo.heads)](
+        _na_bwd_extra_kernel[(windows[0] * windows[1] * blocks * B * geo.heads,)](
             q, grad_out, lse, delta, ak, av, dak, dav, *strides, *e_strides,
-            geo.H, geo.W, geo.heads, n_extra, windows[1], blocks, scale * LOG2E, scale,
+            geo.H, geo.W, geo.heads, n_extra, windows[0], windows[1], blocks, scale * LOG2E, scale,
             KH=cx["KH"], KW=cx["KW"], OH=cx["OH"], OW=cx["OW"], **e_cx,
             BLOCK_M=geo.cfg["block_m"], BLOCK_N=block_n, HEAD_DIM=cx["HEAD_DIM"],
             BLOCK_D=cx["BLOCK_D"], PRECISION=precision, **common,
@@ -559,8 +556,9 @@ def _na2d_fwd_op(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor],
                  additional_keys: Optional[Tensor], additional_values: Optional[Tensor],
                  kernel_size: List[int], stride: List[int], dilation: List[int],
                  window_offset: List[int], scale: float) -> Tuple[Tensor, Tensor]:
-    return _forward(q, k, v, rpb, additional_keys, additional_values, tuple(kernel_size),
-                    tuple(stride), tuple(dilation), tuple(window_offset), scale)
+    with on_device(q):
+        return _forward(q, k, v, rpb, additional_keys, additional_values, tuple(kernel_size),
+                        tuple(stride), tuple(dilation), tuple(window_offset), scale)
 
 
 @_na2d_fwd_op.register_fake
@@ -576,9 +574,10 @@ def _na2d_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                  additional_values: Optional[Tensor], kernel_size: List[int], stride: List[int],
                  dilation: List[int], window_offset: List[int], scale: float, rpb_grad: bool
                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _backward(grad_out, q, k, v, out, lse, rpb, additional_keys, additional_values,
-                      tuple(kernel_size), tuple(stride), tuple(dilation), tuple(window_offset),
-                      scale, rpb_grad)
+    with on_device(q):
+        grads = _backward(grad_out, q, k, v, out, lse, rpb, additional_keys, additional_values,
+                          tuple(kernel_size), tuple(stride), tuple(dilation), tuple(window_offset),
+                          scale, rpb_grad)
     # custom ops return tensors only: an absent gradient travels as an empty tensor
     return tuple(_empty_like_none(g, q) for g in grads)
 

@@ -47,7 +47,8 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from .triton_common import (LOG2E, SUPPORTED_DTYPES, _config, _dense_rows, _dot, _load_rows,
+from .triton_common import (LOG2E, SUPPORTED_DTYPES, _config, _dense_base, _dense_rows, _dot,
+                            _load_rows, _program, on_device,
                             _online_softmax, _precision, _row_delta, _softmax_grad, _store_rows,
                             compiler_options, dense_like, device_unsupported, head_dim_unsupported,
                             interpreter_active, io_layout, launch_config)
@@ -86,13 +87,10 @@ def _routed_query_kernel(
     and DQ unused). True: dQ from the forward's log-sum-exp, after storing each query's delta
     for the dK/dV kernel. Only the chosen mode is compiled."""
     T: tl.constexpr = RH * RW
-    pid = tl.program_id(0)
-    r = pid // q_blocks
-    bh_id = tl.program_id(1)
-    b = bh_id // NUM_HEADS
-    head = bh_id % NUM_HEADS
+    local, bh_id, b, head = _program(R * q_blocks, NUM_HEADS)
+    r = local // q_blocks
 
-    offs_m = (pid % q_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (local % q_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -100,13 +98,15 @@ def _routed_query_kernel(
     dv_ok = offs_dv < V_DIM
     q_ok = offs_m < T
     qy, qx = _region_token(r, tl.minimum(offs_m, T - 1), GW, RH, RW)
-    q = _load_rows(Q, b * s_b + head * s_h + qy * s_y + qx * s_x, q_ok, offs_d, d_ok)
-    o_rows = _dense_rows(b, head, qy, qx, H, W, NUM_HEADS, V_DIM)
-    row = bh_id * H * W + qy * W + qx
+    q = _load_rows(Q + (b * s_b + head * s_h), qy * s_y + qx * s_x, q_ok, offs_d, d_ok)
+    o_at = _dense_base(b, head, H, W, NUM_HEADS, V_DIM)  # o, do
+    o_rows = _dense_rows(qy, qx, W, NUM_HEADS, V_DIM)
+    row_at = bh_id * H * W  # of LSE and DELTA, (B, heads, H, W)
+    row = qy * W + qx
     if BACKWARD:
-        delta, do = _row_delta(O, DO, o_rows, q_ok, offs_dv, dv_ok)
-        lse = tl.load(LSE + row, mask=q_ok, other=0.0)
-        tl.store(DELTA + row, delta, mask=q_ok)  # for the dK/dV kernel, launched after this one
+        delta, do = _row_delta(O + o_at, DO + o_at, o_rows, q_ok, offs_dv, dv_ok)
+        lse = tl.load(LSE + row_at + row, mask=q_ok, other=0.0)
+        tl.store(DELTA + row_at + row, delta, mask=q_ok)  # for the dK/dV kernel, launched after this one
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -134,12 +134,12 @@ def _routed_query_kernel(
             m_i, l_i, acc = _online_softmax(m_i, l_i, acc, s, v, PRECISION)
 
     if BACKWARD:
-        _store_rows(DQ, _dense_rows(b, head, qy, qx, H, W, NUM_HEADS, HEAD_DIM), q_ok, offs_d,
-                    d_ok, dq * sm_scale)
+        _store_rows(DQ + _dense_base(b, head, H, W, NUM_HEADS, HEAD_DIM),
+                    _dense_rows(qy, qx, W, NUM_HEADS, HEAD_DIM), q_ok, offs_d, d_ok, dq * sm_scale)
     else:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        _store_rows(O, o_rows, q_ok, offs_dv, dv_ok, acc / l_safe[:, None])
-        tl.store(LSE + row, m_i + tl.log2(l_safe), mask=q_ok)
+        _store_rows(O + o_at, o_rows, q_ok, offs_dv, dv_ok, acc / l_safe[:, None])
+        tl.store(LSE + row_at + row, m_i + tl.log2(l_safe), mask=q_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,13 +156,10 @@ def _routed_bwd_dkdv_kernel(
     PRECISION: tl.constexpr,
 ):
     T: tl.constexpr = RH * RW
-    pid = tl.program_id(0)
-    c = pid // k_blocks  # the key region of this program
-    bh_id = tl.program_id(1)
-    b = bh_id // NUM_HEADS
-    head = bh_id % NUM_HEADS
+    local, bh_id, b, head = _program(R * k_blocks, NUM_HEADS)
+    c = local // k_blocks  # the key region of this program
 
-    offs_n = (pid % k_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (local % k_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -170,8 +167,11 @@ def _routed_bwd_dkdv_kernel(
     dv_ok = offs_dv < V_DIM
     k_ok = offs_n < T
     ky, kx = _region_token(c, tl.minimum(offs_n, T - 1), GW, RH, RW)
-    k = _load_rows(K, b * s_b + head * s_h + ky * s_y + kx * s_x, k_ok, offs_d, d_ok)
-    v = _load_rows(V, b * sv_b + head * sv_h + ky * sv_y + kx * sv_x, k_ok, offs_dv, dv_ok)
+    k = _load_rows(K + (b * s_b + head * s_h), ky * s_y + kx * s_x, k_ok, offs_d, d_ok)
+    v = _load_rows(V + (b * sv_b + head * sv_h), ky * sv_y + kx * sv_x, k_ok, offs_dv, dv_ok)
+    dk_at = _dense_base(b, head, H, W, NUM_HEADS, HEAD_DIM)  # dk
+    dv_at = _dense_base(b, head, H, W, NUM_HEADS, V_DIM)  # do, dv
+    row_at = bh_id * H * W  # lse, delta
 
     # the query regions routed to key region c: SOURCES[lo:hi] (buckets of R + 1 per batch item,
     # the last one collecting out-of-range indices)
@@ -189,19 +189,18 @@ def _routed_bwd_dkdv_kernel(
         region = tl.load(SOURCES + lo + m // T, mask=q_ok, other=0)
         qy, qx = _region_token(region, m % T, GW, RH, RW)
         q = _load_rows(Q + q_b, qy * s_y + qx * s_x, q_ok, offs_d, d_ok)
-        do = _load_rows(DO, _dense_rows(b, head, qy, qx, H, W, NUM_HEADS, V_DIM), q_ok, offs_dv,
-                        dv_ok)
-        row = bh_id * H * W + qy * W + qx
-        lse = tl.load(LSE + row, mask=q_ok, other=0.0)
-        delta = tl.load(DELTA + row, mask=q_ok, other=0.0)
+        do = _load_rows(DO + dv_at, _dense_rows(qy, qx, W, NUM_HEADS, V_DIM), q_ok, offs_dv, dv_ok)
+        row = qy * W + qx
+        lse = tl.load(LSE + row_at + row, mask=q_ok, other=0.0)
+        delta = tl.load(DELTA + row_at + row, mask=q_ok, other=0.0)
         s = _dot(q, tl.trans(k), PRECISION) * qk_scale
         p, ds = _softmax_grad(s, q_ok[:, None] & k_ok[None, :], lse, delta, do, v, PRECISION)
         dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION)
         dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
 
-    _store_rows(DK, _dense_rows(b, head, ky, kx, H, W, NUM_HEADS, HEAD_DIM), k_ok, offs_d, d_ok,
+    _store_rows(DK + dk_at, _dense_rows(ky, kx, W, NUM_HEADS, HEAD_DIM), k_ok, offs_d, d_ok,
                 dk * sm_scale)
-    _store_rows(DV, _dense_rows(b, head, ky, kx, H, W, NUM_HEADS, V_DIM), k_ok, offs_dv, dv_ok, dv)
+    _store_rows(DV + dv_at, _dense_rows(ky, kx, W, NUM_HEADS, V_DIM), k_ok, offs_dv, dv_ok, dv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +226,9 @@ def reverse_index(region_index: Tensor) -> Tuple[Tensor, Tensor]:
     bucket = (idx + torch.arange(B, device=idx.device)[:, None, None] * (R + 1)).flatten()
     order = torch.argsort(bucket, stable=True)
     sources = ((order // topk) % R).to(torch.int32)
-    counts = torch.bincount(bucket, minlength=B * (R + 1))
+    # not bincount: on CUDA it reads the largest index back to the host (a sync per backward)
+    counts = torch.zeros(B * (R + 1), dtype=torch.long, device=idx.device).scatter_add_(
+        0, bucket, torch.ones_like(bucket))
     offsets = torch.zeros(B * (R + 1) + 1, dtype=torch.int64, device=idx.device)
     offsets[1:] = torch.cumsum(counts, 0)
     return offsets.to(torch.int32), sources
@@ -267,7 +268,7 @@ def _query_pass(L: _Launch, q, k, v, region_index, out, lse, scale, grad_out=Non
     q_blocks = triton.cdiv(L.T, block_m)
     # q stands for the absent tensors: never read (BACKWARD is off)
     absent = [t if t is not None else q for t in (grad_out, delta, dq)]
-    _routed_query_kernel[(L.R * q_blocks, L.B * L.heads)](
+    _routed_query_kernel[(L.R * q_blocks * L.B * L.heads,)](
         q, k, v, region_index, out, lse, *absent, *L.strides(q, v),
         L.H, L.W, L.heads, L.R, L.gw, L.topk, q_blocks, scale * LOG2E, scale,
         BLOCK_M=block_m, BLOCK_N=L.cfg["block_n"], BACKWARD=grad_out is not None,
@@ -295,7 +296,7 @@ def _forward(q, k, v, region_index, region_size, scale):
 def _backward(grad_out, q, k, v, out, lse, region_index, region_size, scale):
     q, k, v, region_index = _as_read(q, k, v, region_index)
     L = _Launch(q, v, region_index, region_size)
-    grad_out = grad_out.contiguous()
+    grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
     delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dQ pass
     dq, dk, dv = dense_like(q), dense_like(k), dense_like(v)
     _query_pass(L, q, k, v, region_index, out, lse, scale, grad_out, delta, dq)
@@ -303,7 +304,7 @@ def _backward(grad_out, q, k, v, out, lse, region_index, region_size, scale):
     offsets, sources = reverse_index(region_index)
     block_n = L.block_own(L.cfg["block_n"])
     k_blocks = triton.cdiv(L.T, block_n)
-    _routed_bwd_dkdv_kernel[(L.R * k_blocks, L.B * L.heads)](
+    _routed_bwd_dkdv_kernel[(L.R * k_blocks * L.B * L.heads,)](
         q, k, v, grad_out, lse, delta, offsets, sources, dk, dv, *L.strides(q, v),
         L.H, L.W, L.heads, L.R, L.gw, k_blocks, scale * LOG2E, scale,
         BLOCK_M=L.cfg["block_m"], BLOCK_N=block_n, **L.constexprs(),
@@ -318,7 +319,8 @@ def _backward(grad_out, q, k, v, out, lse, region_index, region_size, scale):
 @torch.library.custom_op("zoo::routed_fwd", mutates_args=(), device_types=("cuda", "cpu"))
 def _routed_fwd_op(q: Tensor, k: Tensor, v: Tensor, region_index: Tensor,
                    region_size: List[int], scale: float) -> Tuple[Tensor, Tensor]:
-    return _forward(q, k, v, region_index, tuple(region_size), scale)
+    with on_device(q):
+        return _forward(q, k, v, region_index, tuple(region_size), scale)
 
 
 @_routed_fwd_op.register_fake
@@ -332,7 +334,8 @@ def _(q, k, v, region_index, region_size, scale):
 def _routed_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    region_index: Tensor, region_size: List[int], scale: float
                    ) -> Tuple[Tensor, Tensor, Tensor]:
-    return _backward(grad_out, q, k, v, out, lse, region_index, tuple(region_size), scale)
+    with on_device(q):
+        return _backward(grad_out, q, k, v, out, lse, region_index, tuple(region_size), scale)
 
 
 @_routed_bwd_op.register_fake

@@ -9,15 +9,18 @@ Three runs of the same comparisons:
 """
 
 import random
+import subprocess
+import sys
 import zlib
 
 import pytest
 import torch
 
-from triton_harness import (compile_for_sm90, gpu, interpreter_suite, needs_interpreter,
+from triton_harness import (compiled_for_sm90, gpu, interpreter_suite, needs_interpreter,
                             not_interpreted, peak_memory)
 from zoo.kernels import BACKENDS, backend, na2d, na2d_reference, selected_backend
 from zoo.kernels.neighborhood import axis_window_count
+from zoo.kernels.triton_common import tf32_matmuls
 
 triton = pytest.importorskip("triton")
 triton_na = pytest.importorskip("zoo.kernels.triton_na")
@@ -221,6 +224,50 @@ def test_the_op_itself_lays_out_its_inputs():
     assert torch.equal(torch.ops.zoo.na2d_fwd(q, k, v, *args)[0], torch.ops.zoo.na2d_fwd(q, k_other, v, *args)[0])
 
 
+def huge_batch_views(H, W, heads, dims, seed=0):
+    """q, k, v (B=3) unbound from one fp16 qkv-like tensor whose batch items lie 2**30 + 64
+    elements apart, so item 2 starts past 2**31: int32 offsets would wrap there. Only what the
+    views cover is written; the rest of the 6 GiB is reserved, never touched."""
+    step = 2**30 + 64
+    store = torch.empty(3 * step, dtype=torch.float16)
+    row = sum(dims) * heads
+    gen = torch.Generator().manual_seed(seed)
+    for b in range(3):
+        store[b * step: b * step + H * W * row] = torch.randn(H * W * row, generator=gen).half()
+    views, at = [], 0
+    for d in dims:
+        views.append(store.as_strided((3, H, W, heads, d), (step, W * row, row, d, 1), at))
+        at += heads * d
+    return [t.requires_grad_() for t in views]
+
+
+def test_tf32_setting_is_read_through_either_api():
+    """Once a program uses torch's fp32_precision API, reading the legacy allow_tf32 raises: the
+    kernels' precision choice must read the new one (in a fresh process: global settings)."""
+    code = ("import torch\nfrom zoo.kernels.triton_common import tf32_matmuls\nseen = []\n"
+            "torch.backends.fp32_precision = 'tf32'; seen.append(tf32_matmuls())\n"
+            "torch.backends.fp32_precision = 'ieee'; seen.append(tf32_matmuls())\n"
+            "torch.set_float32_matmul_precision('high'); seen.append(tf32_matmuls())\n"
+            "print(seen)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "[True, False, True]", out.stdout + out.stderr[-2000:]
+
+
+@needs_interpreter
+def test_batch_offsets_past_2_31_elements():
+    q, k, v = huge_batch_views(5, 6, 2, (16, 16, 16))
+    rpb = torch.randn(2, 5, 5, requires_grad=True)
+    outs = []
+    for name in ("triton", "reference"):
+        with backend(name):
+            out = na2d(q, k, v, 3, rpb=rpb)
+        outs.append((out, torch.autograd.grad(out, (q, k, v, rpb), torch.ones_like(out))))
+    (out, grads), (ref, ref_grads) = outs
+    assert_close(out, ref, TOL[torch.float16], "output")
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_close(g[2], r[2], TOL[torch.float16], f"d{name} of batch item 2")
+
+
 @needs_interpreter
 @pytest.mark.parametrize("seed", range(100))
 def test_random_cases(seed):
@@ -272,8 +319,7 @@ GPU_CASES = {
 def test_gpu_full_shapes(name, dtype):
     case = dict(GPU_CASES[name])
     case.setdefault("shape", FULL)
-    compare(dict(case, dtype=dtype, seed=1), device="cuda",
-            tf32=torch.backends.cuda.matmul.allow_tf32)
+    compare(dict(case, dtype=dtype, seed=1), device="cuda", tf32=tf32_matmuls())
 
 
 @pytest.mark.parametrize("seed", range(100))
@@ -282,6 +328,19 @@ def test_gpu_random_cases(seed):
     case = random_case(seed)
     case.pop("launch")  # the GPU's own launch configuration
     compare(case, device="cuda")
+
+
+@gpu
+def test_gpu_qkv_past_2_31_elements():
+    """A bf16 qkv projection of 2.2e9 elements (4.4 GB; batch 3600 of 56x56 maps, 2 heads of 32):
+    the last batch item's output equals the reference run on that item alone."""
+    qkv = torch.randn(3600, 56, 56, 3, 2, 32, device="cuda", dtype=torch.bfloat16)
+    assert qkv.numel() > 2**31
+    with torch.no_grad():
+        out = na2d(*qkv.unbind(3), 7)
+        with backend("reference"):
+            ref = na2d(*qkv[-1:].unbind(3), 7)
+    assert_close(out[-1:], ref, TOL[torch.bfloat16], "last batch item")
 
 
 @gpu
@@ -436,36 +495,47 @@ def test_custom_op_opcheck():
 # The interpreter is lenient: compile the real kernels for an H100 (sm_90) without a GPU.
 
 
+# (dtype, head dim, what the case holds): bf16 at the configs' head dim with every feature of the
+# local windows, fp32 (ieee) at a wide non-power-of-two head dim with dilated sliding windows and
+# global extra tokens, fp16 views of one qkv tensor at head dim 48 (FasterViT's 40-49 range).
+SM90_CASES = {
+    "bf16_d32_partition_rpb_window_extras": (torch.bfloat16, 32, dict(
+        kernel_size=(7, 5), stride=(7, 5), window_offset=(3, 0), rpb=True, extra="window")),
+    "fp32_d96_dilated_global_extras": (torch.float32, 96, dict(
+        kernel_size=5, dilation=2, rpb=True, extra="global")),
+    "fp16_d48_qkv_strided": (torch.float16, 48, dict(kernel_size=(7, 9), stride=(2, 3), qkv=True)),
+}
+
+
 @pytest.mark.slow
 @not_interpreted
-@pytest.mark.parametrize("dtype,head_dim", [("fp16", 32), ("bf16", 128)])
-def test_kernels_compile_for_sm90(dtype, head_dim):
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    geo = dict(KH=7, KW=5, SH=1, SW=5, DH=2, DW=1, OH=0, OW=2, PART_H=False, PART_W=True,
-               HEAD_DIM=head_dim, BLOCK_D=block_d)
-    p = "*" + dtype
-    blocked = dict(geo, KW=4, SW=4, DH=1, OH=2, OW=0, PART_H=True, PART_W=False)
-    extras = dict(HAS_EXTRA=True, PER_WINDOW=True, FIRST_H=-1, FIRST_W=0)
-    kernels = [
-        (triton_na._na_query_kernel, dict(geo, TH=8, TW=8, BLOCK_N=64, HAS_RPB=True,
-                                          RPB_GRAD=False, HAS_EXTRA=True, PER_WINDOW=False,
-                                          FIRST_H=0, FIRST_W=0, PRECISION="ieee", BACKWARD=False)),
-        (triton_na._na_query_kernel, dict(blocked, TH=8, TW=8, BLOCK_N=64, HAS_RPB=True,
-                                          RPB_GRAD=False, **extras, PRECISION="ieee",
-                                          BACKWARD=False)),
-        (triton_na._na_query_kernel, dict(blocked, TH=8, TW=8, BLOCK_N=64, HAS_RPB=True,
-                                          RPB_GRAD=True, **extras, PRECISION="ieee",
-                                          BACKWARD=True)),
-        (triton_na._na_bwd_dkdv_kernel, dict(geo, TH=8, TW=8, BLOCK_M=64, CAND_H=64, CAND_W=64,
-                                             HAS_RPB=True, PRECISION="ieee")),
-        (triton_na._na_bwd_extra_kernel, dict(KH=7, KW=4, OH=2, OW=0, PER_WINDOW=True, FIRST_H=-1,
-                                              FIRST_W=0, BLOCK_M=64, BLOCK_N=64,
-                                              HEAD_DIM=head_dim, BLOCK_D=block_d,
-                                              PRECISION="ieee")),
-    ]
-    for fn, consts in kernels:
-        compiled = compile_for_sm90(fn, consts, p, scalars=("H", "W", "NUM_HEADS", "N_EXTRA"),
-                                    pointer_types=dict.fromkeys(("RPB", "LSE", "DELTA", "DRPB"),
-                                                                "*fp32"))
-        assert compiled.asm["cubin"], fn.__name__
+@pytest.mark.parametrize("name", SM90_CASES)
+def test_kernels_compile_for_sm90(name):
+    """Every kernel the op launches, forward and backward, compiles for an H100 through the
+    op's own host code (tests/triton_harness.py, compiled_for_sm90)."""
+    dtype, dim, case = SM90_CASES[name]
+    case = dict(case)
+    B, H, W, heads = 2, 14, 15, 2
+    if case.pop("qkv", False):
+        q, k, v = torch.randn(B, H, W, 3, heads, dim, dtype=dtype).unbind(3)
+    else:
+        q, k, v = (torch.randn(B, H, W, heads, dim, dtype=dtype) for _ in range(3))
+    kernel, stride = pair(case["kernel_size"]), pair(case.get("stride", 1))
+    dilation, offset = pair(case.get("dilation", 1)), pair(case.get("window_offset"))
+    rpb = torch.randn(heads, 2 * kernel[0] - 1, 2 * kernel[1] - 1) if case.get("rpb") else None
+    ak = av = None
+    if case.get("extra") == "global":
+        ak, av = (torch.randn(B, 4, heads, dim, dtype=dtype) for _ in range(2))
+    elif case.get("extra") == "window":
+        windows = [axis_window_count(n, kk, s, d, o) for n, kk, s, d, o in
+                   zip((H, W), kernel, stride, dilation, offset)]
+        ak, av = (torch.randn(B, *windows, 3, heads, dim, dtype=dtype) for _ in range(2))
+    with compiled_for_sm90() as compiled:
+        out, lse = triton_na._forward(q, k, v, rpb, ak, av, kernel, stride, dilation, offset, 0.2)
+        triton_na._backward(torch.randn_like(out), q, k, v, out, lse, rpb, ak, av, kernel, stride,
+                            dilation, offset, 0.2, rpb_grad=rpb is not None)
+    names = [n for n, _ in compiled]
+    expected = ["_na_query_kernel", "_na_query_kernel", "_na_bwd_dkdv_kernel"]
+    assert names == expected + ["_na_bwd_extra_kernel"] * (ak is not None), names
+    assert all(kernel.asm["cubin"] for _, kernel in compiled)
 

@@ -17,12 +17,13 @@ import random
 import pytest
 import torch
 
-from triton_harness import (compile_for_sm90, gpu, interpreter_suite, needs_interpreter,
+from triton_harness import (compiled_for_sm90, gpu, interpreter_suite, needs_interpreter,
                             not_interpreted, peak_memory)
 from zoo.kernels import backend, routed_attention, routed_attention_reference
+from zoo.kernels.triton_common import tf32_matmuls
 
 triton_routed = pytest.importorskip("zoo.kernels.triton_routed")
-from test_triton_na import TOL, assert_close, strided  # noqa: E402  (tests/ is on sys.path)
+from test_triton_na import TOL, assert_close, huge_batch_views, strided  # noqa: E402  (tests/ is on sys.path)
 
 
 def random_index(batch, regions, topk, gen, repeats=0):
@@ -167,6 +168,22 @@ def test_the_op_itself_lays_out_its_inputs():
 
 
 @needs_interpreter
+def test_batch_offsets_past_2_31_elements():
+    """Batch item 2 of q, k and v (value dim 32) starts past 2**31 elements (test_triton_na says how)."""
+    q, k, v = huge_batch_views(4, 6, 2, (16, 16, 32))
+    index = random_index(3, 6, 2, torch.Generator().manual_seed(1))
+    outs = []
+    for name in ("triton", "reference"):
+        with backend(name):
+            out = routed_attention(q, k, v, index, 2)
+        outs.append((out, torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
+    (out, grads), (ref, ref_grads) = outs
+    assert_close(out, ref, TOL[torch.float16], "output")
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_close(g[2], r[2], TOL[torch.float16], f"d{name} of batch item 2")
+
+
+@needs_interpreter
 def test_out_of_range_indices_are_ignored():
     """The reference raises on an index outside [0, regions); the Triton path must not read
     outside the tensors: such a slot contributes no keys (documented in triton_routed)."""
@@ -234,7 +251,7 @@ GPU_CASES = {
 @gpu
 def test_gpu_biformer_shapes(name, dtype):
     case = dict(batch=2, dtype=dtype, seed=1, scale=None, **GPU_CASES[name])
-    compare(case, device="cuda", tf32=torch.backends.cuda.matmul.allow_tf32)
+    compare(case, device="cuda", tf32=tf32_matmuls())
 
 
 @pytest.mark.parametrize("seed", range(N_RANDOM))
@@ -383,22 +400,19 @@ def test_custom_op_opcheck():
 
 @pytest.mark.slow
 @not_interpreted
-@pytest.mark.parametrize("dtype,head_dim,v_dim", [("fp16", 32, 32), ("bf16", 128, 64),
-                                                  ("fp32", 96, 96)])
-def test_kernels_compile_for_sm90(dtype, head_dim, v_dim):
-    import triton
-
-    dims = dict(RH=4, RW=4, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-                V_DIM=v_dim, BLOCK_DV=triton.next_power_of_2(v_dim),
-                PRECISION="tf32" if dtype == "fp32" else "ieee")
-    kernels = [
-        (triton_routed._routed_query_kernel, dict(dims, BLOCK_M=16, BLOCK_N=64, BACKWARD=False)),
-        (triton_routed._routed_query_kernel, dict(dims, BLOCK_M=16, BLOCK_N=64, BACKWARD=True)),
-        (triton_routed._routed_bwd_dkdv_kernel, dict(dims, BLOCK_M=64, BLOCK_N=16)),
-    ]
-    pointer_types = {**dict.fromkeys(("IDX", "OFFSETS", "SOURCES"), "*i32"),
-                     **dict.fromkeys(("LSE", "DELTA"), "*fp32")}
-    for fn, consts in kernels:
-        compiled = compile_for_sm90(fn, consts, "*" + dtype, pointer_types,
-                                    scalars=("H", "W", "NUM_HEADS", "R", "GW", "TOPK"))
-        assert compiled.asm["cubin"], fn.__name__
+@pytest.mark.parametrize("dtype,head_dim,v_dim,tf32", [(torch.bfloat16, 32, 64, False),
+                                                       (torch.float32, 128, 96, True)])
+def test_kernels_compile_for_sm90(dtype, head_dim, v_dim, tf32, monkeypatch):
+    """The forward and backward kernels compile for an H100 through the op's own host code
+    (tests/triton_harness.py, compiled_for_sm90); fp32 with TF32 matmuls allowed."""
+    from zoo.kernels import triton_common
+    monkeypatch.setattr(triton_common, "tf32_matmuls", lambda: tf32)
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 8, 12, 2, head_dim, dtype=dtype) for _ in range(2))
+    v = torch.randn(2, 8, 12, 2, v_dim, dtype=dtype)
+    index = random_index(2, 6, 3, gen)
+    with compiled_for_sm90() as compiled:
+        out, lse = triton_routed._forward(q, k, v, index, (4, 4), 0.2)
+        triton_routed._backward(torch.randn_like(out), q, k, v, out, lse, index, (4, 4), 0.2)
+    assert [n for n, _ in compiled] == ["_routed_query_kernel"] * 2 + ["_routed_bwd_dkdv_kernel"]
+    assert all(kernel.asm["cubin"] for _, kernel in compiled)

@@ -9,6 +9,7 @@ have already done. Each Triton test module therefore marks its interpreter tests
 ``interpreter_suite`` makes), so that pytest-xdist's workers share the interpreter's work.
 """
 
+import contextlib
 import os
 import re
 import subprocess
@@ -76,30 +77,51 @@ def interpreter_suite(test_file: str, min_passed: int, shards: int):
     return test_interpreter_suite
 
 
-def compile_for_sm90(fn, constexprs: dict, pointer: str, pointer_types: dict = None,
-                     scalars=(), num_warps: int = 4, num_stages: int = 2):
-    """Compile a kernel for an H100 (sm_90) on this machine; no GPU needed, only the ptxas Triton
-    ships. The interpreter is lenient, so a kernel only the compiler rejects fails here. Arguments
-    named in ``constexprs`` are constants; upper-case ones are pointers, of ``pointer`` type
-    (e.g. "*bf16") unless ``pointer_types`` says otherwise, except the integer ``scalars``;
-    lower-case ones are i32, or fp32 for ``*scale``."""
-    import triton
+@contextlib.contextmanager
+def compiled_for_sm90():
+    """Inside: the kernels' launches compile for an H100 (sm_90) and never run, through the host
+    code the ops use (argument types, strides, launch configuration and precision as on a GPU),
+    on CPU tensors and without a GPU: a stand-in driver names the target, and launches become
+    Triton's warmup (compile only). The interpreter is lenient; what only the compiler rejects
+    fails here. Yields the list of (kernel name, compiled kernel) it fills; each compiled kernel
+    holds its cubin (ptxas, which Triton ships, assembled it)."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
 
-    from zoo.kernels.triton_common import compiler_options
+    from zoo.kernels import triton_common
 
-    pointer_types = pointer_types or {}
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointer_types:
-            signature[name] = pointer_types[name]
-        elif name.isupper() and name not in scalars:
-            signature[name] = pointer
-        else:
-            signature[name] = "fp32" if name.endswith("scale") else "i32"
-    options = compiler_options(dict(num_warps=num_warps, num_stages=num_stages))
-    return triton.compile(ASTSource(fn, signature, constexprs=constexprs),
-                          target=GPUTarget("cuda", 90, 32), options=options)
+    class SM90:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+    compiled, touched, launch = [], set(), JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
+        kernel = kernel.result() if hasattr(kernel, "result") else kernel  # async compile
+        compiled.append((self.fn.__name__, kernel))
+        touched.add(self)
+        return kernel
+
+    gpu_rules, active = triton_common.compiles_for_gpu, driver._active  # None until first use
+    driver.set_active(SM90())
+    JITFunction.run = compile_only
+    triton_common.compiles_for_gpu = lambda t: True
+    try:
+        yield compiled
+    finally:
+        triton_common.compiles_for_gpu = gpu_rules
+        JITFunction.run = launch
+        driver._active = active  # not reset_active(): it builds the default driver, which fails without a GPU
+        for fn in touched:  # their per-device caches hold the stand-in's target and sm_90 kernels
+            fn.device_caches.clear()
