@@ -248,6 +248,35 @@ def test_resume_follows_the_changed_recipe_and_trims_the_log(folder, tmp_path):
     assert (ema[k] - start[k]).abs().max() < 1e-3 < (weights(tmp_path / "b")[k] - start[k]).abs().max()
 
 
+def test_resume_applies_the_changed_optimizer_settings(folder, tmp_path):
+    """torch's Optimizer.load_state_dict brings back the saved weight decay and betas: the resumed
+    run must train with the recipe's (it reports them as changed)."""
+    train(tiny(folder, **{"train.max_steps": 2}), out_dir=tmp_path / "run")
+    train(tiny(folder, **{"train.max_steps": 3, "optimizer.weight_decay": 0.3, "optimizer.betas": [0.8, 0.9]}),
+          out_dir=tmp_path / "run", resume="auto")
+    groups = snapshot.read_train_state((tmp_path / "run/last").resolve())["optimizer"]["param_groups"]
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.3}  # the no-decay group keeps 0
+    assert {tuple(g["betas"]) for g in groups} == {(0.8, 0.9)}
+    with pytest.raises(CheckpointError, match=r"changes optimizer.name \('adamw' -> 'sgd'\): the saved "
+                                              r"optimizer state is the other optimizer's"):
+        train(tiny(folder, **{"train.max_steps": 4, "optimizer.name": "sgd"}), out_dir=tmp_path / "run",
+              resume="auto")
+
+
+def test_resuming_a_run_that_reached_max_steps_trains_nothing(folder, tmp_path, capsys):
+    train(tiny(folder, **{"train.max_steps": 2}), out_dir=tmp_path / "run")
+    summary = train(tiny(folder, **{"train.max_steps": 2}), out_dir=tmp_path / "run", resume="auto")
+    assert summary["num_updates"] == 2 and (tmp_path / "run/last").resolve().name == "update-00000002"
+    assert "train.max_steps=2 was reached (update 2): nothing to train" in capsys.readouterr().err
+
+
+def test_a_fresh_run_drops_the_log_of_a_run_killed_before_its_first_checkpoint(folder, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/metrics.jsonl").write_text('{"kind": "train", "update": 1, "loss": 9.0}\n')
+    train(tiny(folder, **{"train.max_steps": 1}), out_dir=tmp_path / "run")
+    assert [r["loss"] != 9.0 for r in read_jsonl(tmp_path / "run/metrics.jsonl") if r["kind"] == "train"] == [True]
+
+
 def test_a_new_run_keeps_out_of_an_earlier_runs_directory(folder, tmp_path):
     train(tiny(folder, **{"train.max_steps": 1}), out_dir=tmp_path / "run")
     with pytest.raises(ConfigError, match="holds the checkpoints of an earlier run.*pass --resume"):

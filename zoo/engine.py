@@ -276,12 +276,12 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
             # The schedule is not restored but rebuilt from this recipe (timm's schedules are functions
             # of the update count): a longer run or a new lr takes effect, and an unchanged recipe
             # gives the same lrs.
+            _load_optimizer(optimizer, state["optimizer"], snap / snapshot.STATE)
             try:
-                optimizer.load_state_dict(state["optimizer"])
                 if scaler is not None and state.get("scaler"):
                     scaler.load_state_dict(state["scaler"])
             except (KeyError, ValueError, RuntimeError) as e:
-                raise CheckpointError(f"{snap / snapshot.STATE}: optimizer/scheduler state does not fit this "
+                raise CheckpointError(f"{snap / snapshot.STATE}: gradient scaler state does not fit this "
                                       f"recipe: {e}") from None
             start_epoch, start_update = state["epoch"], state["update_in_epoch"]
             num_updates = state["num_updates"]
@@ -304,8 +304,9 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
             train_model = torch.compile(train_model)
 
         log = MetricLog(run_dir / "metrics.jsonl" if dist.is_main else None)
-        if resume:
-            log.drop_after(num_updates)  # what was logged after the checkpoint is trained again
+        # On resume, what was logged after the checkpoint is trained again; a fresh run drops what
+        # a run killed before its first checkpoint logged.
+        log.drop_after(num_updates)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             import yaml
@@ -342,7 +343,11 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
                           keep_last=R.output.keep_last)
 
         amp = rt.amp
-        for epoch in range(start_epoch, total_epochs):
+        done = max_steps is not None and num_updates >= max_steps  # resumed where the last run stopped
+        if done and dist.is_main:
+            print(f"train.max_steps={max_steps} was reached (update {num_updates}): nothing to train",
+                  file=sys.stderr)
+        for epoch in range(start_epoch, start_epoch if done else total_epochs):
             first = start_update if epoch == start_epoch else 0
             sampler.set_epoch(epoch, first)
             scheduler.step(epoch)
@@ -510,7 +515,24 @@ def _run_dir(R: Recipe, out_dir, resume) -> Path:
 
 
 # Recipe keys a resumed run must keep: they fix which samples each update sees.
-_FIXED_ON_RESUME = ("train.batch_size", "train.accum_steps", "train.seed")
+_ORDER = "fixes the order of the samples"
+_FIXED_ON_RESUME = {"train.batch_size": _ORDER, "train.accum_steps": _ORDER, "train.seed": _ORDER,
+                    "optimizer.name": "the saved optimizer state is the other optimizer's"}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, saved: dict, path: Path) -> None:
+    """A checkpoint's optimizer state (moments, step counts) under this recipe's hyperparameters:
+    torch's ``load_state_dict`` brings back the saved ones (weight decay, betas, eps, lr scales),
+    which would silently undo a recipe change the resume reports. The lr is the scheduler's."""
+    fresh = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+             for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(saved)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: the optimizer state does not fit this recipe's optimizer (its "
+                              f"parameter groups come from optimizer.weight_decay and layer_decay): {e}") from None
+    for group, hyper in zip(optimizer.param_groups, fresh):
+        group.update(hyper)
 
 
 def _recipe_changes(old: Optional[dict], new: dict, snap: Path) -> list:
@@ -526,9 +548,9 @@ def _recipe_changes(old: Optional[dict], new: dict, snap: Path) -> list:
             before = (old.get(sec) or {}).get(k, v)
             if before != v:
                 if f"{sec}.{k}" in _FIXED_ON_RESUME:
-                    raise CheckpointError(f"{snap}: the recipe changes {sec}.{k} ({before!r} -> {v!r}), which fixes "
-                                          f"the order of the samples; a resumed run keeps it (start a new run from "
-                                          f"these weights with model.pretrained_file)")
+                    raise CheckpointError(f"{snap}: the recipe changes {sec}.{k} ({before!r} -> {v!r}): "
+                                          f"{_FIXED_ON_RESUME[f'{sec}.{k}']}; a resumed run keeps it (start a new "
+                                          f"run from these weights with model.pretrained_file)")
                 changed.append(f"{sec}.{k}: {before!r} -> {v!r}")
     return changed
 
