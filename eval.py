@@ -13,13 +13,20 @@ import sys
 from zoo.errors import CheckpointError, ConfigError
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", help="a zoo_ name / model YAML, or a timm name (several with --bench)")
     p.add_argument("--checkpoint", help="a training checkpoint folder or run directory (zoo), or a weights file")
     p.add_argument("--data", help="ImageFolder root")
     p.add_argument("--split", default="val")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--amp", "--dtype", dest="dtype", choices=["bf16", "fp16"], default=None)
     p.add_argument("--device", default="auto")
@@ -27,7 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--ema", action="store_true", default=None, help="use the EMA weights of the checkpoint")
     p.add_argument("--raw", dest="ema", action="store_false", help="use the raw (non-EMA) weights")
     p.add_argument("--bench", action="store_true", help="throughput and peak memory of each model")
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--iters", type=positive_int, default=10)
     p.add_argument("--out", help="--bench: JSON file to write (a PNG plot is written beside it)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, merged output)")

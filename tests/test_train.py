@@ -453,6 +453,20 @@ def test_cli_reports_config_errors(capsys, folder):
     assert "--set: train.epochs: must be positive" in err
 
 
+def test_eval_cli_refuses_bad_arguments_and_empty_folders(trained, tmp_path, capsys):
+    out, _ = trained
+    mod = _load_script("eval")
+    (tmp_path / "val/a").mkdir(parents=True)  # a class folder without images
+    for args, words in [(["--batch-size", "-4"], "--batch-size: must be a positive integer, got -4"),
+                        (["--device", "bogus"], "--device: is 'bogus', not a device torch knows"),
+                        ([], f"image folder {tmp_path / 'val'} has no images")]:
+        try:
+            code = mod.main(["zoo_nat_demo", "--checkpoint", str(out / "best"), "--data", str(tmp_path)] + args)
+        except SystemExit as e:  # argparse
+            code = e.code
+        assert code in (1, 2) and words in capsys.readouterr().err, args
+
+
 def test_cli_names_the_best_checkpoint_with_its_own_validation(folder, tmp_path, capsys):
     """train.py ends by naming the best checkpoint beside the validation it was chosen on (it once
     printed the last epoch's figures there, beside an earlier epoch's checkpoint)."""

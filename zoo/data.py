@@ -112,9 +112,14 @@ def image_folder(root, split: Optional[str] = None, transform=None):
     path = Path(root) / split if split else Path(root)
     if not path.is_dir():
         raise FileNotFoundError(f"image folder {path} does not exist (expected {Path(root)}/<split>/<class>/*.png|jpg)")
-    ds = ImageDataset(str(path), transform=transform)
+    try:
+        ds = ImageDataset(str(path), transform=transform)
+    except RuntimeError as e:  # timm's reader raises on a folder without images
+        if "Found 0 images" not in str(e):
+            raise
+        ds = ()
     if len(ds) == 0:
-        raise FileNotFoundError(f"image folder {path} has no images")
+        raise FileNotFoundError(f"image folder {path} has no images (expected {path}/<class>/*.png|jpg|jpeg)")
     return ds
 
 

@@ -35,7 +35,10 @@ def pick_device(name: str = "auto", local_rank: int = 0, source=("--device", "")
         raise ConfigError(*source, f"is {name!r} but torch sees no CUDA device")
     if name == "cuda":
         return torch.device("cuda", local_rank)
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(*source, f"is {name!r}, not a device torch knows (auto, cpu, cuda, cuda:N, ...)") from None
 
 
 def setup(device: str = "auto", source=("--device", "")) -> Dist:
