@@ -13,7 +13,8 @@ from torch.utils.checkpoint import checkpoint
 
 from zoo.blocks import build, lookup
 from zoo.blocks.layers import NCHW, to_layout
-from zoo.config import MIN_INPUT, MODEL_OVERRIDES, POOLS, ModelConfig, StageConfig, load_config, value_problem
+from zoo.config import (MIN_INPUT, MODEL_OVERRIDES, ModelConfig, StageConfig, load_config, pool_problem,
+                         value_problem)
 
 
 @register_notrace_module  # windows and padding are decided per input size: a leaf for FX
@@ -99,8 +100,7 @@ class Backbone(nn.Module):
         self.in_chans = cfg.in_chans if in_chans is None else in_chans
         drop_rate = cfg.drop_rate if drop_rate is None else drop_rate
         drop_path_rate = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
-        global_pool = cfg.head["pool"] if global_pool is None else global_pool
-        self._check_pool(global_pool)
+        pool = self._head_pool(cfg.head["pool"] if global_pool is None else global_pool)
         # create_model's keyword arguments, checked by the rules of the config keys they override
         for key, v in (("num_classes", self.num_classes), ("in_chans", self.in_chans),
                        ("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
@@ -110,11 +110,11 @@ class Backbone(nn.Module):
                 raise ValueError(f"{cfg.name}: {key}: {problem}")
         # timm's device/dtype: build there (device='meta' allocates nothing), then cast
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            self._build(cfg, drop_rate, drop_path_rate, global_pool)
+            self._build(cfg, drop_rate, drop_path_rate, pool)
         if dtype is not None:
             self.to(dtype=dtype)
 
-    def _build(self, cfg: ModelConfig, drop_rate: float, drop_path_rate: float, global_pool: str) -> None:
+    def _build(self, cfg: ModelConfig, drop_rate: float, drop_path_rate: float, pool: str) -> None:
         self.stem = build("stem", cfg.stem, in_chans=self.in_chans, out_dim=cfg.stages[0].dim)
         total = sum(s.depth for s in cfg.stages)
         # Plain floats, not torch.linspace: models are also built on the meta device to be measured.
@@ -132,11 +132,6 @@ class Backbone(nn.Module):
         self.norm = build("norm", cfg.norm, dim=self.num_features) or nn.Identity()
         self.norm_layout = getattr(self.norm, "layout", NCHW)
         head = cfg.head
-        # global_pool '' (no pooling): the head runs at every position of the final map, with the
-        # same parameters as the pooled head (so pretrained weights load); it is built to pool a
-        # 1x1 map, where any pooling is the identity.
-        self.dense_head = global_pool == ""
-        pool = global_pool or "avg"
         if head["norm"] is not None or head["hidden_size"]:
             norm_spec = dict(head["norm"] or {"type": "layernorm2d"})
             norm_cls = lookup("norm", norm_spec.pop("type"))
@@ -227,20 +222,22 @@ class Backbone(nn.Module):
     # ------------------------------------------------------------------ timm API
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            self._check_pool(global_pool)
-            self.dense_head = global_pool == ""
-            global_pool = global_pool or "avg"
+        pool = None if global_pool is None else self._head_pool(global_pool)
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
+        self.head.reset(num_classes, pool)
         self.head_hidden_size = self.head.num_features
 
-    def _check_pool(self, pool) -> None:
-        if pool not in POOLS:
-            raise ValueError(f"{self.cfg.name}: global_pool: expected one of {POOLS}, got {pool!r}")
-        if pool == "catavgmax" and (self.cfg.head["norm"] is not None or self.cfg.head["hidden_size"]):
-            raise ValueError(f"{self.cfg.name}: global_pool: catavgmax doubles the pooled width, which this "
-                             f"model's head (a norm or hidden layer) does not take")
+    def _head_pool(self, global_pool: str) -> str:
+        """Check timm's ``global_pool`` by the config's rule and return the head's pooling.
+        ``''`` (no pooling) sets ``dense_head``: the head then runs at every position of the final
+        map with the pooled head's parameters (so pretrained weights load), built to pool a 1x1
+        map, where any pooling is the identity."""
+        head = self.cfg.head
+        problem = pool_problem(global_pool, head["norm"] is not None or bool(head["hidden_size"]))
+        if problem:
+            raise ValueError(f"{self.cfg.name}: global_pool: {problem}")
+        self.dense_head = global_pool == ""
+        return global_pool or "avg"
 
     def get_classifier(self) -> nn.Module:
         return self.head.fc

@@ -569,12 +569,10 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path])
     head = m.get("head") or {}
     keys(head, HEAD_KEYS, "model.head")
     pool = head.get("pool", "avg")
-    if pool not in POOLS:
-        where("model.head.pool", f"expected one of {POOLS}, got {pool!r}")
     head_norm = validate_spec("norm", head.get("norm"), "model.head.norm", {"dim": prev_dim}, where=where)
-    if pool == "catavgmax" and (head_norm is not None or head.get("hidden_size")):
-        where("model.head.pool", "catavgmax doubles the pooled width, which a head with a norm or hidden "
-                                 "layer does not take: use avg, max or avgmax")
+    problem = pool_problem(pool, head_norm is not None or bool(head.get("hidden_size")))
+    if problem:
+        where("model.head.pool", problem)
     if head_norm is not None and registry.lookup("norm", head_norm["type"]).layout != NCHW:
         where("model.head.norm.type", f"the head's norm acts on the pooled (B, C, 1, 1) map: give a channels-first "
                                       f"norm (layernorm2d, batchnorm2d), not {head_norm['type']!r}")
@@ -658,6 +656,16 @@ def _written(raw: dict, keypath: str) -> bool:
         else:
             return False
     return True
+
+
+def pool_problem(pool, head_has_norm_or_hidden: bool) -> Optional[str]:
+    """What is wrong with a head pooling (``model.head.pool`` or timm's ``global_pool``), or None."""
+    if pool not in POOLS:
+        return f"expected one of {POOLS}, got {pool!r}"
+    if pool == "catavgmax" and head_has_norm_or_hidden:
+        return ("catavgmax doubles the pooled width, which a head with a norm or hidden layer does not "
+                "take: use avg, max or avgmax")
+    return None
 
 
 def value_problem(v, kinds, check=None, rule: str = "") -> Optional[str]:
