@@ -12,8 +12,8 @@ import torch
 from timm.layers import DropPath, GlobalResponseNormMlp, Mlp, trunc_normal_
 from torch import nn
 
-from .layers import ACTIVATIONS, NCHW, LayerNorm2d, conv_length
-from .registry import Positive, Prob, SpecError, register
+from .layers import ACTIVATIONS, NCHW, LayerNorm2d, check_centred_kernel, conv_length
+from .registry import Positive, Prob, register
 from .transformer import Activation
 
 
@@ -36,15 +36,10 @@ class ConvNeXtBlock(nn.Module):
 
     @classmethod
     def check(cls, params: dict, ctx: dict) -> None:
-        k = params["kernel_size"]
-        if k < 1 or k % 2 == 0:
-            raise SpecError("kernel_size", f"must be a positive odd number (a centred depth-wise conv), got {k}")
+        check_centred_kernel(params, "kernel_size")
 
-    def init_weights(self) -> None:  # timm's ConvNeXt: truncated normal convs and linears, zero biases
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+    def init_weights(self) -> None:
+        _init_convnext(self)
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
         y = self.mlp(self.norm(self.conv_dw(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
@@ -65,5 +60,12 @@ class ConvNeXtDownsample(nn.Sequential):
         super().__init__(LayerNorm2d(in_dim, eps=norm_eps), nn.Conv2d(in_dim, out_dim, 2, stride=2))
 
     def init_weights(self) -> None:
-        trunc_normal_(self[1].weight, std=0.02)
-        nn.init.zeros_(self[1].bias)
+        _init_convnext(self)
+
+
+def _init_convnext(module: nn.Module) -> None:
+    """timm's ConvNeXt initialisation: truncated normal convs and linears, zero biases."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import Positive, Prob, register
+from .registry import Positive, Prob, SpecError, register
 
 NHWC, NCHW = "nhwc", "nchw"
 
@@ -22,6 +22,14 @@ def run_mixer(mixer: nn.Module, x: torch.Tensor, ctx=None) -> torch.Tensor:
     """A block's call of its token mixer: with the stage's context state when the mixer reads it
     (``takes_context``, GC-ViT's global queries), so any block can host any mixer."""
     return mixer(x, ctx) if getattr(mixer, "takes_context", False) else mixer(x)
+
+
+def check_centred_kernel(params: dict, key: str) -> None:
+    """SpecError unless ``params[key]`` is a positive odd kernel size (a conv centred on its
+    position, padded by kernel // 2 to keep the map's size)."""
+    k = params[key]
+    if k < 1 or k % 2 == 0:
+        raise SpecError(key, f"must be a positive odd number (a centred depth-wise conv), got {k}")
 
 
 def conv_length(kernel: int, stride: int, padding: int, convs: int = 1):

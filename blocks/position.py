@@ -9,7 +9,7 @@ import torch
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import nn
 
-from .layers import NCHW, NHWC
+from .layers import NCHW, NHWC, check_centred_kernel
 from .registry import Positive, SpecError, register
 
 
@@ -24,9 +24,7 @@ class ConvPosEnc(nn.Conv2d):
 
     @classmethod
     def check(cls, params: dict, ctx: dict) -> None:
-        k = params["kernel_size"]
-        if k < 1 or k % 2 == 0:
-            raise SpecError("kernel_size", f"must be a positive odd number (a centred depth-wise conv), got {k}")
+        check_centred_kernel(params, "kernel_size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + super().forward(x)

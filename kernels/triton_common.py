@@ -190,10 +190,8 @@ def _config(q: Tensor, head_dim: Optional[int] = None):
     elif q.dtype == torch.float32:
         block = 32 if head_dim <= 64 else 16
         cfg = dict(block_m=block, block_n=block, num_warps=8, num_stages=2)
-    elif head_dim <= 64:
-        cfg = dict(block_m=64, block_n=64, num_warps=8, num_stages=2)
     else:
-        cfg = dict(block_m=64, block_n=32, num_warps=8, num_stages=2)
+        cfg = dict(block_m=64, block_n=64 if head_dim <= 64 else 32, num_warps=8, num_stages=2)
     return {**cfg, **_CONFIG_OVERRIDE}
 
 
