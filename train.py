@@ -8,6 +8,7 @@
     python train.py configs/train/demo.yaml --resume runs/mine  # continue that run, in that directory
 """
 import argparse
+import os
 import sys
 
 from zoo.engine import format_validation, train
@@ -27,11 +28,17 @@ def main(argv=None) -> int:
                         "(no value: the run directory's last checkpoint)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun
     try:
         recipe = load_recipe(a.recipe, a.overrides)
+    except ConfigError as e:
+        if rank == 0:  # every process reads the same recipe: one says what is wrong with it
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
         summary = train(recipe, out_dir=a.output, resume=a.resume, progress=False if a.no_progress else None)
     except (ConfigError, CheckpointError, DataError, TrainingStopped, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         return 1
     if not summary["main"]:  # under torchrun, rank 0 reports
         return 0

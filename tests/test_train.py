@@ -95,6 +95,16 @@ def test_every_schedule_a_recipe_may_name_trains(folder, tmp_path, name):
     assert s["num_updates"] == 7
 
 
+def test_poly_schedule_takes_its_power(folder, tmp_path):
+    """timm reads the poly schedule's power from decay_rate, which recipes keep for step decay."""
+    s = {"schedule.name": "poly", "schedule.min_lr": 0.0, "train.max_steps": 6, "train.epochs": 1}
+    lrs = {p: _lrs(train(tiny(folder, **{**s, "schedule.power": p}), out_dir=tmp_path / str(p))["run_dir"])
+           for p in (1.0, 2.0)}
+    lr0 = tiny(folder).lr()
+    for p, by_update in lrs.items():  # the lr used for update u+1 is set after update u
+        assert by_update[3] == pytest.approx(lr0 * (1 - 3 / 6) ** p), p
+
+
 def test_lr_scales_with_batch():
     r = load_recipe(ROOT / "configs/train/swin_tiny.yaml")
     assert r.lr() == pytest.approx(1e-3)  # 5e-4 per 512 at 1024
@@ -125,6 +135,8 @@ def test_recipe_takes_the_names_eval_and_bench_take(tmp_path):
     (OK + "\noptimizer: {lr: .inf}", "optimizer.lr", "finite"),
     (OK + "\noptimizer: {betas: [0.9, 1.5]}", "optimizer.betas", "each in [0, 1)"),
     (OK + "\nschedule: {name: step}", "schedule.decay_epochs", "the step schedule needs it"),
+    (OK + "\nschedule: {name: multistep, decay_milestones: [30, 10]}", "schedule.decay_milestones",
+     "increasing order"),
     (OK + "\nruntime: {device: gpu}", "runtime.device", "must be auto, cpu, cuda"),
     ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8, accum_steps: 3}", "train.accum_steps",
      "divide"),
@@ -248,6 +260,47 @@ def test_resume_follows_the_changed_recipe_and_trims_the_log(folder, tmp_path):
     assert (ema[k] - start[k]).abs().max() < 1e-3 < (weights(tmp_path / "b")[k] - start[k]).abs().max()
 
 
+def test_resuming_an_older_checkpoint_relinks_last_and_best(folder, tmp_path, capsys):
+    """A run validated after each of 3 epochs (updates 6, 12, 18) is resumed from its update-6
+    checkpoint: 'best' must not stay on a checkpoint of the continuation being replaced."""
+    train(tiny(folder, **{"train.epochs": 3, "output.keep_last": 5}), out_dir=tmp_path / "run")
+    six = tmp_path / "run/checkpoints/update-00000006"
+    train(tiny(folder, **{"train.epochs": 3, "train.max_steps": 9, "output.keep_last": 5}), resume=str(six))
+    assert (tmp_path / "run/last").resolve().name == "update-00000009"
+    assert (tmp_path / "run/best").resolve() == six.resolve()  # the only validation before update 9
+    err = capsys.readouterr().err
+    assert "resumed from" in err and "at the end of epoch 1 (6 updates done)" in err
+    assert "(update-00000012, update-00000018) are from a continuation this run replaces" in err
+
+
+def test_resume_finds_a_checkpoint_written_just_before_a_kill(folder, tmp_path):
+    """Killed after the first checkpoint's rename, before 'last' was linked: --resume takes it."""
+    train(tiny(folder, **{"train.max_steps": 2}), out_dir=tmp_path / "run")
+    (tmp_path / "run/last").unlink()
+    train(tiny(folder, **{"train.max_steps": 3}), out_dir=tmp_path / "run", resume="auto")
+    assert snapshot.read_train_state((tmp_path / "run/last").resolve())["num_updates"] == 3
+
+
+def test_resume_refuses_what_would_lose_or_mislabel(folder, tmp_path):
+    train(tiny(folder, **{"train.max_steps": 2, "ema.enabled": True}), out_dir=tmp_path / "a")
+    train(tiny(folder, **{"train.max_steps": 1}), out_dir=tmp_path / "b")
+    # into another run's directory: its checkpoints would be pruned
+    with pytest.raises(ConfigError, match=r"--output: .*b: holds the checkpoints of an earlier run"):
+        train(tiny(folder, **{"train.max_steps": 3, "ema.enabled": True}), out_dir=tmp_path / "b",
+              resume=str(tmp_path / "a"))
+    assert (tmp_path / "b/checkpoints/update-00000001").is_dir()
+    # other class names: the head's outputs would mean other classes
+    renamed = _copy_folder(folder, tmp_path, lambda r: [(r / s / "class2").rename(r / s / "zebra")
+                                                        for s in ("train", "val")])
+    with pytest.raises(CheckpointError, match=r"trained on other classes \(only in \S+train: \['zebra'\], only "
+                                              r"in the checkpoint: \['class2'\]\)"):
+        train(tiny(renamed, **{"train.max_steps": 3, "ema.enabled": True}), out_dir=tmp_path / "a", resume="auto")
+    # a lost EMA file is an error, not a silent restart of the average
+    ((tmp_path / "a/last").resolve() / snapshot.EMA_WEIGHTS).unlink()
+    with pytest.raises(CheckpointError, match="model_ema.safetensors"):
+        train(tiny(folder, **{"train.max_steps": 3, "ema.enabled": True}), out_dir=tmp_path / "a", resume="auto")
+
+
 def test_resume_applies_the_changed_optimizer_settings(folder, tmp_path):
     """torch's Optimizer.load_state_dict brings back the saved weight decay and betas: the resumed
     run must train with the recipe's (it reports them as changed)."""
@@ -284,6 +337,18 @@ def test_a_new_run_keeps_out_of_an_earlier_runs_directory(folder, tmp_path):
     assert (tmp_path / "run/checkpoints/update-00000001").is_dir()
 
 
+def test_image_folder_reads_what_torchvision_reads(folder, tmp_path):
+    from zoo.data import image_folder
+    root = _copy_folder(folder, tmp_path, lambda r: None)
+    for i, ext in enumerate((".bmp", ".webp", ".tif", ".JPG")):
+        src = root / "train/class1" / f"{i}.png"
+        Image.open(src).save(src.with_suffix(ext), format={".JPG": "JPEG"}.get(ext))
+        src.unlink()
+    ds = image_folder(root, "train")
+    assert len(ds) == 24 and sorted(t for _, t in ds.reader.samples).count(1) == 8
+    assert ds[0][0].size == (32, 32)
+
+
 def _copy_folder(folder, tmp_path, edit):
     root = tmp_path / "data"
     shutil.copytree(folder, root)
@@ -292,8 +357,11 @@ def _copy_folder(folder, tmp_path, edit):
 
 
 @pytest.mark.parametrize("edit,sets,error,words", [
-    (lambda r: shutil.rmtree(r / "val/class1"), {}, DataError, r"only in train: \['class1'\]"),
+    (lambda r: shutil.rmtree(r / "val/class1"), {}, DataError, r"only in \S*train: \['class1'\]"),
     (lambda r: [p.unlink() for p in (r / "train/class2").iterdir()], {}, DataError, r"without images: \['class2'\]"),
+    # timm labels an image by its own folder: class0/extra/ would become a class 'extra'
+    (lambda r: (r / "train/class0/extra").mkdir() or shutil.move(r / "train/class0/0.png", r / "train/class0/extra"),
+     {}, DataError, r"1 image\(s\) not directly in a class folder \(e\.g\. class0/extra/0\.png\)"),
     (lambda r: None, {"data.val_split": "valid"}, DataError, "valid does not exist"),
     (lambda r: None, {"model.num_classes": 2}, ConfigError, "model.num_classes: is 2 but"),
     (lambda r: None, {"train.batch_size": 30}, ConfigError, "larger than the training set"),
@@ -446,11 +514,19 @@ def test_non_finite_loss_stops_and_keeps_last_good(folder, tmp_path, monkeypatch
     assert snapshot.read_train_state((out / "last").resolve())["num_updates"] == 2
 
 
-def test_cli_reports_config_errors(capsys, folder):
+def test_cli_reports_config_errors(capsys, folder, monkeypatch):
     mod = _load_script("train")
     assert mod.main([str(ROOT / "configs/train/demo.yaml"), "--set", "train.epochs=-1"]) == 1
     err = capsys.readouterr().err
     assert "--set: train.epochs: must be positive" in err
+    # under torchrun, a recipe error is said once (rank 0), a run's error by each rank that meets it
+    monkeypatch.setenv("RANK", "1")
+    assert mod.main([str(ROOT / "configs/train/demo.yaml"), "--set", "train.epochs=-1"]) == 1
+    assert mod.main([str(ROOT / "configs/train/demo.yaml"), "--set", f"data.root={folder}", "--set",
+                     "data.val_split=nope"]) == 1
+    assert capsys.readouterr().err.splitlines() == [f"error (rank 1): {folder / 'nope'} does not exist: set "
+                                                    f"data.val_split to the validation folder, or to null to train "
+                                                    f"without validation"]
 
 
 def test_eval_cli_refuses_bad_arguments_and_empty_folders(trained, tmp_path, capsys):
@@ -536,7 +612,7 @@ def test_eval_matches_training_validation(trained, folder, capsys):
     assert line["top1"] == pytest.approx(meta["metrics"]["ema_top1"])  # best_weights: the EMA
 
 
-def test_eval_says_which_weights_and_refuses_what_does_not_fit(trained, folder):
+def test_eval_says_which_weights_and_refuses_what_does_not_fit(trained, folder, tmp_path):
     out, _ = trained
     best = (out / "best").resolve()
     raw = evaluate_folder("nat_demo", folder, checkpoint=best, ema=False, progress=False)  # short name
@@ -547,6 +623,10 @@ def test_eval_says_which_weights_and_refuses_what_does_not_fit(trained, folder):
                       (dict(model_name="nat_demo", checkpoint=None), "no weights to download")]:
         with pytest.raises(CheckpointError, match=words):
             evaluate_folder(root=folder, progress=False, **kw)
+    renamed = _copy_folder(folder, tmp_path, lambda r: (r / "val/class2").rename(r / "val/zebra"))
+    with pytest.raises(DataError, match=r"differ from those the checkpoint was trained on \(only in the folder: "
+                                        r"\['zebra'\], only in the checkpoint: \['class2'\]\)"):
+        evaluate_folder("zoo_nat_demo", renamed, checkpoint=best, progress=False)
 
 
 def test_dangling_last_names_the_checkpoints_that_remain(trained, tmp_path):

@@ -8,6 +8,7 @@ rank ``r`` of ``W`` takes its ``r``-th share of it, so W processes compute the s
 """
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
@@ -106,44 +107,70 @@ class ShardSampler(Sampler):
             yield [(j, 0) for j in self.idx[i:i + self.batch_size]]
 
 
+# torchvision's ImageFolder extensions (timm's reader alone takes .png/.jpg/.jpeg and skips the rest)
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
 def image_folder(root, split: Optional[str] = None, transform=None):
-    """timm's ImageDataset over ``root/split`` (class per sub-folder, sorted)."""
+    """timm's ImageDataset over ``root/split``: one sub-folder of images per class, sorted. A folder
+    laid out otherwise is refused: timm's reader labels an image by its own folder's name, so images
+    in nested folders would become classes of their own, and an empty class folder would shift
+    every later label."""
     from timm.data import ImageDataset
+
+    from zoo.errors import DataError
     path = Path(root) / split if split else Path(root)
     if not path.is_dir():
-        raise FileNotFoundError(f"image folder {path} does not exist (expected {Path(root)}/<split>/<class>/*.png|jpg)")
+        raise FileNotFoundError(f"image folder {path} does not exist (expected {Path(root)}/<split>/<class>/<image>)")
     try:
-        ds = ImageDataset(str(path), transform=transform)
+        ds = ImageDataset(str(path), transform=transform, input_key=";".join(EXTENSIONS))
     except RuntimeError as e:  # timm's reader raises on a folder without images
         if "Found 0 images" not in str(e):
             raise
         ds = ()
     if len(ds) == 0:
-        raise FileNotFoundError(f"image folder {path} has no images (expected {path}/<class>/*.png|jpg|jpeg)")
+        raise FileNotFoundError(f"image folder {path} has no images (expected {path}/<class>/<image>, "
+                                f"{'|'.join(e[1:] for e in EXTENSIONS)})")
+    top = str(path)
+    misplaced = [f for f, _ in ds.reader.samples if os.path.dirname(os.path.dirname(f)) != top]
+    if misplaced:
+        where = os.path.relpath(misplaced[0], top)
+        raise DataError(f"{path}: {len(misplaced)} image(s) not directly in a class folder (e.g. {where}); an "
+                        f"image folder holds one level of class folders, <class>/<image>")
+    classes = set(class_names(ds))
+    empty = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name not in classes)
+    if empty:
+        raise DataError(f"{path}: class folder(s) without images: {empty[:5]}")
     return ds
 
 
 def check_classes(root, train_split: str, train_ds, val_split: Optional[str], val_ds) -> List[str]:
-    """The training classes, after checking that the folders make a classification data set: at
-    least two classes, none of them empty (timm's reader skips an empty folder, which would shift
-    every later label), and the same classes in the validation split."""
+    """The training classes, after checking that they make a classification data set (at least two)
+    and that the validation split has the same."""
     from zoo.errors import DataError
     train_dir = Path(root) / train_split
     classes = class_names(train_ds)
-    folders = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    empty = [f for f in folders if f not in classes]
-    if empty:
-        raise DataError(f"{train_dir}: class folder(s) without images: {empty[:5]}")
     if len(classes) < 2:
         raise DataError(f"{train_dir}: found {len(classes)} class folder(s) with images; an ImageFolder holds "
                         f"one sub-folder of images per class, at least two")
     if val_ds is not None:
-        val = class_names(val_ds)
-        if val != classes:
-            only_train, only_val = sorted(set(classes) - set(val)), sorted(set(val) - set(classes))
-            raise DataError(f"{Path(root) / val_split}: its classes differ from {train_dir}'s (only in train: "
-                            f"{only_train[:5]}, only in val: {only_val[:5]}); labels would not match")
+        differ = class_difference(classes, str(train_dir), class_names(val_ds), str(Path(root) / val_split))
+        if differ:
+            raise DataError(f"{Path(root) / val_split}: its classes differ from {train_dir}'s ({differ}); labels "
+                            f"would not match")
     return classes
+
+
+def class_difference(a: List[str], a_name: str, b: List[str], b_name: str) -> str:
+    """How two class lists differ ('' when equal): the names only one of them has, or the first
+    place where the order differs."""
+    if a == b:
+        return ""
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if only_a or only_b:
+        return f"only in {a_name}: {only_a[:5]}, only in {b_name}: {only_b[:5]}"
+    i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    return f"the same names in another order: class {i} is {a[i]!r} in {a_name}, {b[i]!r} in {b_name}"
 
 
 def class_names(ds) -> List[str]:

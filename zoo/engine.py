@@ -143,9 +143,10 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
     R = recipe
     rt, tr, aug, opt_cfg, sch = R.runtime, R.train, R.augment, R.optimizer, R.schedule
     run_dir = _run_dir(R, out_dir, resume)
-    if not resume and snapshot.has_checkpoints(run_dir):
-        raise ConfigError("--output", str(run_dir), "holds the checkpoints of an earlier run, which a new run "
-                                                    "would prune: pass --resume to continue it, or another --output")
+    if snapshot.has_checkpoints(run_dir) and not (resume and _snapshot_of(resume, run_dir)):
+        raise ConfigError("--output", str(run_dir), "holds the checkpoints of an earlier run, which this run "
+                                                    "would prune: pass --resume to continue that run, or another "
+                                                    "--output")
     dist = zdist.setup(rt.device, source=(R.file, "runtime.device"))
     device = dist.device
     # SIGTERM (a cluster's preemption notice) asks for a checkpoint at the end of the current
@@ -246,7 +247,8 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
             optimizer, sched=sch.name, num_epochs=tr.epochs, warmup_epochs=warmup_epochs, warmup_lr=sch.warmup_lr,
             min_lr=sch.min_lr, cooldown_epochs=sch.cooldown_epochs, step_on_epochs=sch.step_on == "epoch",
             decay_epochs=sch.decay_epochs or 0, decay_milestones=sch.decay_milestones or (),
-            decay_rate=sch.decay_rate, updates_per_epoch=upe)
+            decay_rate=sch.power if sch.name == "poly" else sch.decay_rate,  # timm: poly's power is decay_rate
+            updates_per_epoch=upe)
         scaler = torch.amp.GradScaler(device.type) if rt.amp == "fp16" else None
         ema = ModelEmaV3(model, decay=R.ema.decay, use_warmup=R.ema.warmup) if R.ema.enabled else None
 
@@ -258,18 +260,23 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
 
         # ---- resume
         start_epoch, start_update, num_updates = 0, 0, 0
-        best = {"metric": None, "epoch": None}
+        best = {"metric": None, "epoch": None, "update": None}  # update: the best checkpoint's
         if resume:
             snap = snapshot.resolve(run_dir if resume is True or resume == "auto" else resume)
             meta = snapshot.read_meta(snap)
             if meta.get("architecture") != architecture:
                 raise CheckpointError(f"{snap}: checkpoint is of {meta.get('architecture')!r}, the recipe trains "
                                       f"{architecture!r}")
+            differ = zdata.class_difference(classes, str(Path(R.data.root) / R.data.train_split),
+                                            meta.get("classes") or classes, "the checkpoint")
+            if differ:
+                raise CheckpointError(f"{snap}: the checkpoint was trained on other classes ({differ})")
             state = snapshot.read_train_state(snap)
             changed = _recipe_changes(state.get("recipe"), R.to_dict(), snap)
             snapshot.load_into(model, snapshot.read_weights(snap), snap / snapshot.WEIGHTS)
             if ema is not None:
-                if (snap / snapshot.EMA_WEIGHTS).is_file():
+                if snapshot.EMA_WEIGHTS in meta.get("files", ()) or (snap / snapshot.EMA_WEIGHTS).is_file():
+                    # read_weights names the file if it is missing or truncated
                     snapshot.load_into(ema.module, snapshot.read_weights(snap, ema=True), snap / snapshot.EMA_WEIGHTS)
                 else:  # EMA switched on at resume: it starts from the resumed weights
                     ema = ModelEmaV3(model, decay=R.ema.decay, use_warmup=R.ema.warmup)
@@ -285,13 +292,25 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
                                       f"recipe: {e}") from None
             start_epoch, start_update = state["epoch"], state["update_in_epoch"]
             num_updates = state["num_updates"]
-            best = state.get("best", best)
+            best = {**best, **state.get("best", {})}
             rng = state["rng"][dist.rank] if dist.rank < len(state["rng"]) else state["rng"][0]
             snapshot.set_rng_state(rng)
+            best_tag = None if best["update"] is None else _tag(best["update"])
+            if best_tag is not None and not (run_dir / "checkpoints" / best_tag).is_dir():
+                # the best checkpoint is not in this run directory (pruned, or another run's):
+                # the next validation names a new one
+                best = {"metric": None, "epoch": None, "update": None}
             if dist.is_main:
-                print(f"resumed from {snap} at epoch {start_epoch}, update {num_updates}", file=sys.stderr)
+                where = f"update {start_update}/{upe} of epoch {start_epoch + 1}" if start_update else \
+                    f"the end of epoch {start_epoch}"
+                print(f"resumed from {snap} at {where} ({num_updates} updates done)", file=sys.stderr)
                 if changed:
                     print("with recipe changes: " + "; ".join(changed), file=sys.stderr)
+                newer = snapshot.continue_from(run_dir, snap, best_tag)
+                if newer:
+                    print(f"{run_dir}: checkpoints after the resumed one ({', '.join(newer)}) are from a "
+                          f"continuation this run replaces: 'last' and 'best' no longer point to them, and "
+                          f"they are pruned as newer checkpoints are written", file=sys.stderr)
         else:
             # per-rank stream for drop path etc. (rank 0 keeps the plain seed: 1 process == rank 0)
             _seed_all(tr.seed + dist.rank)
@@ -335,7 +354,7 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
                            "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
                            "update_in_epoch": update_in_epoch, "num_updates": num_updates, "rng": states,
                            "best": best}
-            tag = f"update-{num_updates:08d}"
+            tag = _tag(num_updates)
             snapshot.save(run_dir, tag, model_state=unwrap(model).state_dict(), meta=meta,
                           model_yaml_text=model_yaml,
                           ema_state=ema.module.state_dict() if ema is not None else None,
@@ -453,13 +472,13 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
                         key = me["top1"]
                 log.write(**rec)
                 last_val = {k: v for k, v in rec.items() if k != "kind"}
-                if best["metric"] is None or key > best["metric"]:
-                    best = {"metric": key, "epoch": epoch}
-                    is_best = True
+                is_best = best["metric"] is None or key > best["metric"]
                 if dist.is_main:
                     print(format_validation(rec), file=sys.stderr)
             elif val_loader is None:
-                is_best = True  # without validation the newest is the best we know
+                key, is_best = None, True  # without validation the newest is the best we know
+            if is_best:
+                best = {"metric": key, "epoch": epoch, "update": num_updates}
             save(epoch + 1, 0, last_val, is_best=is_best)
             if stopped:
                 break
@@ -501,6 +520,18 @@ def _on_sigterm(callback):
 def _last_good(run_dir: Path) -> str:
     p = run_dir / "last"
     return str(p.resolve()) if p.exists() else "none (no checkpoint was written yet)"
+
+
+def _tag(num_updates: int) -> str:
+    return f"update-{num_updates:08d}"
+
+
+def _snapshot_of(resume, run_dir: Path) -> bool:
+    """Whether ``--resume`` continues a checkpoint of ``run_dir`` (rather than another run's)."""
+    if resume in (True, "auto"):
+        return True
+    snap = snapshot.resolve(resume)
+    return snap.parent == (Path(run_dir) / "checkpoints").resolve()
 
 
 def _run_dir(R: Recipe, out_dir, resume) -> Path:
@@ -643,9 +674,11 @@ def evaluate_folder(model_name: str, root, split: Optional[str] = "val", checkpo
         dcfg["input_size"] = (dcfg["input_size"][0], img_size, img_size)
     ds = zdata.image_folder(root, split, transform=zdata.eval_transform(dcfg))
     classes = zdata.class_names(ds)
-    if meta and meta.get("classes") and classes != meta["classes"]:
-        raise DataError(f"the classes of {root}/{split} ({len(classes)}) differ from the "
-                        f"checkpoint's ({len(meta['classes'])})")
+    differ = zdata.class_difference(classes, "the folder", meta["classes"], "the checkpoint") \
+        if meta and meta.get("classes") else ""
+    if differ:
+        raise DataError(f"the classes of {Path(root) / (split or '')} differ from those the checkpoint was "
+                        f"trained on ({differ}); its outputs would be read as the wrong classes")
     if getattr(model, "num_classes", len(classes)) != len(classes):
         raise DataError(f"{root}/{split} has {len(classes)} classes, the model {model.num_classes} outputs")
     model.to(dev)

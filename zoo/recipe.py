@@ -126,8 +126,10 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
         "name": (str, "cosine", lambda v: v in SCHEDULES, f"must be one of {', '.join(SCHEDULES)}"),
         "decay_epochs": ((NUM, OPT), None, lambda v: v is None or v > 0, "must be positive"),  # step
         "decay_milestones": ((list, OPT), None, lambda v: v is None or (v and all(
-            isinstance(e, int) and not isinstance(e, bool) and e > 0 for e in v)), "must be a list of epochs"),
+            isinstance(e, int) and not isinstance(e, bool) and e > 0 for e in v) and v == sorted(set(v))),
+            "must be a list of epochs in increasing order"),
         "decay_rate": (NUM, 0.1, lambda v: 0 < v <= 1, "must be in (0, 1]"),  # step, multistep
+        "power": (NUM, 1.0, lambda v: v > 0, "must be positive"),  # poly: lr ~ (1 - t/T) ** power
         "warmup_epochs": (NUM, 0, _nonneg, "must be >= 0"),
         "warmup_steps": ((int, OPT), None, lambda v: v is None or v >= 0, "must be >= 0"),  # wins over epochs
         "warmup_lr": (NUM, 1e-6, _nonneg, "must be >= 0"),

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -183,6 +183,31 @@ def has_checkpoints(run_dir: Path) -> bool:
     return ckpts.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in ckpts.iterdir())
 
 
+def newest(run_dir: Path) -> Optional[Path]:
+    """The run's complete snapshot with the most updates, or None."""
+    ckpts = Path(run_dir) / "checkpoints"
+    done = sorted(p for p in ckpts.glob("update-*") if (p / META).is_file()) if ckpts.is_dir() else []
+    return done[-1].resolve() if done else None
+
+
+def continue_from(run_dir: Path, snap: Path, best_tag: Optional[str]) -> List[str]:
+    """Make ``run_dir``'s links describe a run resumed from ``snap``, one of its snapshots: ``last``
+    points at it, ``best`` at ``best_tag`` (the best snapshot up to ``snap``) or nowhere. Returns
+    the snapshots newer than ``snap``: a continuation that the resumed run replaces."""
+    run_dir, snap = Path(run_dir), Path(snap).resolve()
+    ckpts = (run_dir / "checkpoints").resolve()
+    if snap.parent != ckpts:
+        return []
+    newer = sorted(p.name for p in ckpts.glob("update-*") if p.name > snap.name)
+    _point(run_dir / "last", Path("checkpoints") / snap.name)
+    best = run_dir / "best"
+    if best_tag is not None and best_tag <= snap.name and (ckpts / best_tag / META).is_file():
+        _point(best, Path("checkpoints") / best_tag)
+    elif best.is_symlink() and (best_tag is not None or not best.exists() or best.resolve().name > snap.name):
+        best.unlink()
+    return newer
+
+
 def resolve(path) -> Path:
     """A snapshot directory from itself, a run directory (its ``last``), or a weights file's folder."""
     p = Path(path)
@@ -194,6 +219,8 @@ def resolve(path) -> Path:
         return p.resolve()
     if (p / "last").exists():
         return (p / "last").resolve()
+    if not (p / "last").is_symlink() and newest(p) is not None:
+        return newest(p)  # a run killed between writing its first checkpoint and linking it
     if (p / "last").is_symlink():
         found = sorted(c.name for c in (p / "checkpoints").glob("update-*")) if (p / "checkpoints").is_dir() else []
         raise CheckpointError(f"{p}/last points to {os.readlink(p / 'last')}, which is missing; the checkpoints "
