@@ -353,11 +353,28 @@ def _validate(raw: dict, name: str, file: Optional[Path], prov: dict) -> Recipe:
     if opt.lower().removeprefix("lookahead_") not in list_optimizers():
         fail("optimizer.name", f"unknown optimizer {opt!r} (timm.optim.list_optimizers(): adamw, sgd, lamb, ...)")
     _check_model_name(sections["model"]["name"], file, fail)
-    ra = a["auto_augment"]
-    if ra is not None and not ra.startswith(("rand", "augmix", "original", "v0", "3a", "trivial")):
-        fail("augment.auto_augment", f"expected a timm auto-augment spec such as 'rand-m9-mstd0.5-inc1', got {ra!r}")
+    if a["auto_augment"] is not None:
+        problem = _auto_augment_problem(a["auto_augment"])
+        if problem:
+            fail("augment.auto_augment", f"{problem}; expected a timm spec such as 'rand-m9-mstd0.5-inc1', "
+                                         f"'augmix-m5-w4-d2', 'original' or '3a', got {a['auto_augment']!r}")
     return Recipe(name=name, file=file, sections=sections, description=str(raw.get("description", "")),
                   reference=raw.get("reference"))
+
+
+def _auto_augment_problem(spec: str) -> str:
+    """What is wrong with a timm auto-augment spec ('' if nothing): timm's parser asserts on some
+    mistakes and silently skips a section without a number (``rand-m9-mstd``)."""
+    from timm.data import create_transform
+    loose = [c for c in spec.split("-")[1:]
+             if not re.search(r"\d", c) and not (spec.startswith("rand") and c.startswith("t"))]
+    if loose:
+        return f"section(s) {loose} carry no value, which timm would ignore"
+    try:
+        create_transform(32, is_training=True, auto_augment=spec)
+    except (AssertionError, ValueError, KeyError, IndexError) as e:
+        return f"timm does not take it ({e or 'unknown policy'})"
+    return ""
 
 
 def _check_model_name(name: str, file: Optional[Path], fail) -> None:
