@@ -568,6 +568,27 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _torchrun(folder, out, extra):
+    """train.py in 2 gloo processes on the tiny folder; asserts that it succeeds."""
+    sets = [f"--set={k}={'null' if v is None else v}" for k, v in {**tiny_sets(folder), **extra}.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(ROOT / "train.py"), str(ROOT / "configs/train/demo.yaml"),
+           "--output", str(out), "--no-progress", *sets]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def test_two_processes_train_a_model_with_parameters_unused_at_this_size(folder, tmp_path):
+    """FasterViT's carrier tokens take no part on a map of one window (32 px here): DDP must be
+    told, or it stops at the second update waiting for their gradients."""
+    res = _torchrun(folder, tmp_path / "run", {"model.name": ROOT / "tests/configs/tiny_fastervit.yaml",
+                                               "train.max_steps": 2})
+    assert "38 parameters take no part at 32x32 px (e.g. stages.2.context.pos_embed.weight)" in res.stderr
+    assert snapshot.read_train_state((tmp_path / "run/last").resolve())["num_updates"] == 2
+
+
 def test_two_processes_match_one(folder, tmp_path):
     """2 gloo processes with half the batch each == 1 process with the whole batch (no dropout-like
     randomness, so the only difference is the order of the gradient sum). SGD, because Adam's
@@ -575,16 +596,7 @@ def test_two_processes_match_one(folder, tmp_path):
     extra = {"train.max_steps": 3, "model.drop_path_rate": 0.0, "augment.mixup": 0.0, "augment.cutmix": 0.0,
              "optimizer.name": "sgd", "optimizer.lr": 0.05, "optimizer.clip_grad": None}
     train(tiny(folder, **extra), out_dir=tmp_path / "one")
-    sets = [f"--set={k}={'null' if v is None else v}" for k, v in {**extra, "data.root": str(folder), "train.batch_size": 4,
-                                           "train.epochs": 2, "schedule.warmup_epochs": 0, "runtime.threads": 1,
-                                           "runtime.deterministic": True, "output.plot": False,
-                                           "train.log_every": 1}.items()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(ROOT / "train.py"), str(ROOT / "configs/train/demo.yaml"),
-           "--output", str(tmp_path / "two"), "--no-progress", *sets]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = _torchrun(folder, tmp_path / "two", extra)
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=1e-6, msg=lambda m: f"{k}: {m}")

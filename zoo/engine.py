@@ -317,8 +317,13 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
 
         train_model = ddp = model
         if dist.enabled:
+            unused = _unused_parameters(model, dcfg["input_size"], device)
+            if unused and dist.is_main:
+                print(f"{len(unused)} parameters take no part at {dcfg['input_size'][1]}x{dcfg['input_size'][2]} "
+                      f"px (e.g. {unused[0]}): DDP looks for unused parameters at every update", file=sys.stderr)
             train_model = ddp = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=bool(unused))
         if rt.compile:
             train_model = torch.compile(train_model)
 
@@ -505,6 +510,21 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
     finally:
         restore()
         zdist.cleanup(dist)
+
+
+def _unused_parameters(model: nn.Module, input_size, device: torch.device) -> list:
+    """The trainable parameters that take no part in the output at this input size (FasterViT's
+    carrier tokens on a map of one window): DDP must be told, or it waits for their gradients.
+    Found by one backward pass at batch 1 in eval mode, under a forked RNG (resume stays exact)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            model(torch.zeros(1, *input_size, device=device)).float().sum().backward()
+        return [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
 
 
 def _on_sigterm(callback):
