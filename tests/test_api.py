@@ -86,6 +86,27 @@ def test_reset_classifier(model):
     assert m(torch.randn(1, 3, 64, 64)).shape == (1, m.num_features)
 
 
+@pytest.mark.parametrize("name,timm_name,timm_kw", [(NAME, "swin_tiny_patch4_window7_224", {"img_size": (64, 96)}),
+                                                    ("zoo_maxvit_tiny", "convnext_atto", {})])  # a head norm
+def test_pruned_model_works_as_timms_does(name, timm_name, timm_kw):
+    """prune_intermediate_layers to stage 1: forward_features ends there, the head takes its width."""
+    x = torch.randn(1, 3, 64, 96)
+    for net in (timm.create_model(name).eval(), timm.create_model(timm_name, **timm_kw).eval()):
+        assert net.prune_intermediate_layers([1], prune_norm=False, prune_head=False) == [1]
+        width = net.feature_info[1]["num_chs"]
+        assert net.num_features == net.head_hidden_size == width
+        f = net.forward_features(x)
+        assert f.numel() == width * 8 * 12  # NCHW here, NHWC in timm's Swin
+        net.reset_classifier(5, "avg")
+        assert net(x).shape == (1, 5)
+        if net.__module__.startswith("zoo"):
+            inter = net.forward_intermediates(x, indices=[1], norm=True, intermediates_only=True)
+            torch.testing.assert_close(inter[0], f)
+    m = timm.create_model(name).to(torch.bfloat16)
+    m.prune_intermediate_layers([3])  # the default prune_head: features at the end, no head
+    assert m(x.bfloat16()).shape == (1, m.num_features, 2, 3) and m.head_hidden_size == m.num_features
+
+
 @pytest.mark.parametrize("name", [NAME, "zoo_maxvit_tiny"])  # a plain head; one with norm and hidden layer
 def test_global_pool_empty_gives_logits_at_every_position(name):
     torch.manual_seed(0)

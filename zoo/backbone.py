@@ -210,12 +210,20 @@ class Backbone(nn.Module):
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True):
+        """Keep the stages up to the last of ``indices`` (timm's contract). Ending before the last
+        stage also drops the final norm and the head (both sized for the last stage) and makes
+        ``num_features`` the kept stage's width; a pruned head is timm's with ``reset_other``: no
+        classifier, no pooling, no norm or hidden layer."""
         take, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
         self.stages = self.stages[:max_index + 1]
-        if prune_norm:
+        if prune_norm or prune_end:
             self.norm = nn.Identity()
             self.norm_layout = NCHW
-        if prune_head:
+        if prune_end:
+            self.num_features = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.head = self._like_model(ClassifierHead(self.num_features, 0, drop_rate=self.head.drop.p))
             self.reset_classifier(0, "")
         return take
 
@@ -225,7 +233,12 @@ class Backbone(nn.Module):
         pool = None if global_pool is None else self._head_pool(global_pool)
         self.num_classes = num_classes
         self.head.reset(num_classes, pool)
+        self._like_model(self.head)  # a new classifier on the model's device, in its dtype
         self.head_hidden_size = self.head.num_features
+
+    def _like_model(self, module: nn.Module) -> nn.Module:
+        ref = next(self.stem.parameters())
+        return module.to(device=ref.device, dtype=ref.dtype)
 
     def _head_pool(self, global_pool: str) -> str:
         """Check timm's ``global_pool`` by the config's rule and return the head's pooling.
