@@ -679,6 +679,18 @@ def test_bench_writes_json_and_plot(tmp_path):
         bench(["resnet10t", "nat_nope"], iters=1)
 
 
+@pytest.mark.parametrize("kwargs", [{"global_pool": ""}, {"global_pool": "max", "in_chans": 1}])
+def test_save_pretrained_keeps_the_arguments_that_shaped_the_model(tmp_path, kwargs):
+    model = zoo.create_model("zoo_nat_demo", num_classes=5, **kwargs).eval()
+    d = zoo.save_pretrained(model, tmp_path / "export")
+    x = torch.randn(2, kwargs.get("in_chans", 3), 64, 64)
+    for loaded in (zoo.create_model(d, pretrained=True), timm.create_model(f"local-dir:{d}", pretrained=True)):
+        torch.testing.assert_close(loaded.eval()(x), model(x))
+    (d / "config.json").unlink()
+    with pytest.raises(ValueError, match="has no config.json: not a folder zoo.save_pretrained wrote"):
+        zoo.create_model(d, pretrained=True)
+
+
 def test_save_pretrained_loads_with_timm(tmp_path, monkeypatch):
     import timm
     model = zoo.create_model("zoo_nat_demo", num_classes=5).eval()

@@ -250,6 +250,7 @@ class Backbone(nn.Module):
         if problem:
             raise ValueError(f"{self.cfg.name}: global_pool: {problem}")
         self.dense_head = global_pool == ""
+        self.global_pool = global_pool  # as given (timm's attribute; save_pretrained records it)
         return global_pool or "avg"
 
     def get_classifier(self) -> nn.Module:

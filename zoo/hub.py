@@ -9,12 +9,14 @@ takes those only.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from zoo.registration import REGISTERED
+from zoo.snapshot import atomic_write_bytes
 
 MODEL_YAML = "zoo_model.yaml"
 
@@ -47,14 +49,24 @@ def _architecture(model: torch.nn.Module, for_timm: bool) -> str:
     return arch
 
 
-def _model_args(model: torch.nn.Module, arch: str) -> dict:
-    args = {}
-    if arch in REGISTERED:
-        from zoo.config import load_config
-        cfg = load_config(REGISTERED[arch], name=arch)
-        if model.num_classes != cfg.num_classes:
-            args["num_classes"] = model.num_classes
-    return args
+def _model_args(model: torch.nn.Module) -> dict:
+    """The create_model arguments that shaped this model beyond its config (classes, input
+    channels, pooling): config.json's ``model_args`` for timm, and laid into the saved YAML."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:
+        return {}
+    own = {"num_classes": model.num_classes, "in_chans": model.in_chans, "global_pool": model.global_pool}
+    default = {"num_classes": cfg.num_classes, "in_chans": cfg.in_chans, "global_pool": cfg.head["pool"]}
+    return {k: v for k, v in own.items() if v != default[k]}
+
+
+def _saved_yaml(model: torch.nn.Module) -> str:
+    import copy
+
+    from zoo.snapshot import model_yaml
+    raw = copy.deepcopy(model.cfg.raw)
+    raw["model"].setdefault("head", {})["pool"] = model.global_pool
+    return model_yaml(raw, {"num_classes": model.num_classes, "in_chans": model.in_chans})
 
 
 def save_pretrained(model: torch.nn.Module, save_dir, data_config: Optional[dict] = None,
@@ -70,18 +82,21 @@ def save_pretrained(model: torch.nn.Module, save_dir, data_config: Optional[dict
     classifier whose size differs from the pretrained_cfg's with a new random one.
     """
     from timm.models import save_for_hf
-    arch = _architecture(model, for_timm=False)
+    _architecture(model, for_timm=False)  # refuses what could not be rebuilt from the folder
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     model_config = {}
     if label_names:
         model_config["label_names"] = list(label_names)
-    save_for_hf(model, str(save_dir), model_config=model_config, model_args=_model_args(model, arch),
-                safe_serialization=True, data_config=data_config)
-    raw = getattr(getattr(model, "cfg", None), "raw", None)
-    if raw:
-        from zoo.snapshot import model_yaml
-        (save_dir / MODEL_YAML).write_text(model_yaml(raw, {"num_classes": model.num_classes}))
+    args = _model_args(model)
+    save_for_hf(model, str(save_dir), model_config=model_config, safe_serialization=True, data_config=data_config,
+                model_args={k: v for k, v in args.items() if k != "global_pool"})
+    if args:  # timm reads the pooling off the head, which for global_pool='' pools 1x1 maps ('avg')
+        config = json.loads((save_dir / "config.json").read_text())
+        config.setdefault("model_args", {}).update(args)
+        atomic_write_bytes(save_dir / "config.json", json.dumps(config, indent=2).encode())
+    if getattr(getattr(model, "cfg", None), "raw", None):
+        (save_dir / MODEL_YAML).write_text(_saved_yaml(model))
     return save_dir
 
 

@@ -121,8 +121,9 @@ def _from_saved(folder: Path, pretrained: bool, **kwargs) -> Backbone:
     """A folder ``zoo.save_pretrained`` wrote: the model from its YAML, with its weights if
     ``pretrained``."""
     from zoo.hub import MODEL_YAML
-    if not (folder / MODEL_YAML).is_file():
-        raise ValueError(f"{folder} has no {MODEL_YAML}: not a folder zoo.save_pretrained wrote")
+    for name in (MODEL_YAML, "config.json"):
+        if not (folder / name).is_file():
+            raise ValueError(f"{folder} has no {name}: not a folder zoo.save_pretrained wrote")
     arch = json.loads((folder / "config.json").read_text()).get("architecture", PREFIX + folder.name)
     cfg = load_config(folder / MODEL_YAML, name=arch.removeprefix(PREFIX))
     if pretrained:
