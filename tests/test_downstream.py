@@ -80,11 +80,19 @@ def test_features_adapter_options():
     with torch.no_grad():
         out = fpn(torch.randn(1, 3, 96, 160))
     assert list(out) == ["0", "1", "2", "3", "pool"] and all(v.shape[1] == 32 for v in out.values())
-    for bad in ((2, 1), (0, 5), (), 3):  # 5 used to wrap around to stage 1
+    for bad in ((2, 1), (0, 5), (), 3, (True, 2)):  # 5 used to wrap around to stage 1
         with pytest.raises(ValueError, match="out_indices"):
             ZooFeatures(_cfg("nat"), out_indices=bad)
-    with pytest.raises(ValueError, match="frozen_stages"):
-        ZooFeatures(_cfg("nat"), frozen_stages=7)
+    for bad in (7, "1", 1.5, True):
+        with pytest.raises(ValueError, match="frozen_stages"):
+            ZooFeatures(_cfg("nat"), frozen_stages=bad)
+    # a model passed in is copied: the trunk prunes it and drops its head, the original still classifies
+    import zoo
+    classifier = zoo.create_model(_cfg("maxvit"), num_classes=10).eval()
+    feats = ZooFeatures(classifier, out_indices=(0, 1))
+    assert len(feats.trunk.stages) == 2 and feats.trunk is not classifier
+    assert classifier(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in classifier.modules())
     # the output norm of a frozen stage is frozen with it
     feats = ZooFeatures(_cfg("nat"), frozen_stages=2)
     assert [all(not p.requires_grad for p in n.parameters()) for n in feats.norms] == [True, True, False, False]
@@ -96,12 +104,32 @@ def test_detector_keywords_reach_the_backbone():
     assert max(rates) == pytest.approx(0.3) and model.transform.min_size == (96,)
     with pytest.raises(TypeError, match="frozen_stage"):  # a typo is not swallowed by torchvision
         faster_rcnn(_cfg("nat"), num_classes=3, frozen_stage=2)
+    for kw in ({"num_classes": 0}, {"num_classes": 3, "fpn_channels": 0}):
+        with pytest.raises(ValueError, match=f"{[k for k in kw if kw[k] == 0][0]} must be a positive int"):
+            retinanet(_cfg("nat"), **kw)
+
+
+def test_detectors_normalise_as_the_model_was_trained():
+    """torchvision's transform uses ImageNet's 3-channel mean/std unless told; the model's own are
+    given to it, and a model of other input channels must be given its own."""
+    model = faster_rcnn(_cfg("nat"), num_classes=3)
+    trunk = model.backbone.body.trunk
+    assert model.transform.image_mean == list(trunk.pretrained_cfg["mean"])
+    assert model.transform.image_std == list(trunk.pretrained_cfg["std"])
+    with pytest.raises(ValueError, match="takes 1 input channel.*mean has 3 value.*pass image_mean and image_std"):
+        retinanet(_cfg("nat"), num_classes=3, in_chans=1)
+    gray = retinanet(_cfg("nat"), num_classes=3, in_chans=1, image_mean=[0.5], image_std=[0.25],
+                     min_size=64, max_size=64).eval()
+    with torch.no_grad():
+        assert set(gray([torch.rand(1, 64, 64)])[0]) == {"boxes", "scores", "labels"}
 
 
 def test_segmentation_any_width_and_a_void_crop():
     model = SegmentationModel(_cfg("nat"), num_classes=3, channels=100)  # 100 is not a multiple of 16
     logits = model(torch.randn(1, 3, 64, 64))
     assert segmentation_loss(logits, torch.full((1, 64, 64), 255)).item() == 0.0
+    with pytest.raises(ValueError, match="class indices .* got torch.float32"):  # not silently truncated
+        segmentation_loss(logits, torch.full((1, 64, 64), 2.9))
 
 
 def _mask_rcnn(family, h, w):

@@ -68,3 +68,8 @@ def test_export_features_at_fixed_batch(tmp_path):
     assert [o.name for o in session.get_outputs()] == ["output0", "output1"]
     diff, out = check_onnx(model, path)
     assert [o.shape[0] for o in out] == [1, 1] and diff < 1e-4
+    # a module that returns a dict (the detection trunk): its values are the outputs, in order
+    from zoo.detection import ZooFeatures
+    trunk = ZooFeatures(CONFIGS / "tiny_nat.yaml", out_indices=(2, 3)).eval()
+    diff, out = check_onnx(trunk, export_onnx(trunk, tmp_path / "trunk.onnx", (64, 96), batch_size=1))
+    assert list(out) == ["0", "1"] and diff < 1e-4

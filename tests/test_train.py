@@ -677,6 +677,8 @@ def test_bench_writes_json_and_plot(tmp_path):
     assert len(json.loads(out.read_text())["results"]) == 2
     with pytest.raises(ValueError, match="unknown model 'nat_nope'"):
         bench(["resnet10t", "nat_nope"], iters=1)
+    with pytest.raises(ValueError, match="is a directory; give the path of the JSON file"):
+        bench(["resnet10t"], iters=1, out=str(tmp_path))  # said before anything is measured
 
 
 @pytest.mark.parametrize("kwargs", [{"global_pool": ""}, {"global_pool": "max", "in_chans": 1}])

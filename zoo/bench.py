@@ -56,6 +56,8 @@ def bench(models: List[str], batch_size: int = 32, img_size: int = 224, dtype: O
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{key} must be a positive int, got {v!r}")
     names = [resolve_name(n) for n in models]  # every name checked before anything is measured
+    if out is not None and Path(out).is_dir():
+        raise ValueError(f"out: {out} is a directory; give the path of the JSON file to write")
     dev = pick_device(device)
     rows = []
     for name in names:

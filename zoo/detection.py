@@ -12,6 +12,7 @@ Needs torchvision (``pip install zoo[detection]``).
 """
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from typing import Dict, Optional, Sequence, Union
 
@@ -45,7 +46,18 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
+def check_positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _as_backbone(model: Union[str, nn.Module], pretrained: bool, **kwargs) -> Backbone:
+    """A zoo model to become a trunk; a model passed in is copied, since the trunk prunes it,
+    drops its head and freezes its BatchNorms (the caller's model keeps working as it was)."""
     if isinstance(model, nn.Module):
         if not isinstance(model, Backbone):
             raise ValueError(f"model must be a zoo model (zoo.Backbone, not features_only), a name or a YAML "
@@ -53,7 +65,7 @@ def _as_backbone(model: Union[str, nn.Module], pretrained: bool, **kwargs) -> Ba
         if kwargs or pretrained:
             raise ValueError(f"{sorted(kwargs) + ['pretrained'] * pretrained} configure a model built here; "
                              f"pass them to zoo.create_model for a model you built")
-        return model
+        return copy.deepcopy(model)
     from zoo.registration import create_model
     return create_model(model, pretrained=pretrained, num_classes=0, **kwargs)
 
@@ -62,7 +74,8 @@ class ZooFeatures(nn.Module):
     """A zoo model's stage outputs as an ``OrderedDict`` of NCHW maps keyed ``"0"``, ``"1"``, ...
 
     Args:
-        model: a zoo model, a registered name (``"nat_tiny"``) or a YAML path.
+        model: a zoo model (copied: the original is left as it is), a registered name
+            (``"nat_tiny"``) or a YAML path.
         out_indices: which stages to return (strides 4, 8, 16, 32 for 0-3).
         frozen_stages: -1 trains everything; 0 freezes the stem; ``i`` the stem and stages ``< i``
             (mmdetection's convention). Frozen parts run in eval mode with no gradients.
@@ -78,12 +91,12 @@ class ZooFeatures(nn.Module):
         trunk = _as_backbone(model, pretrained, **kwargs)
         n = len(trunk.stages)
         ok = isinstance(out_indices, (tuple, list)) and out_indices and all(
-            isinstance(i, int) and -n <= i < n for i in out_indices)
+            _is_int(i) and -n <= i < n for i in out_indices)
         self.out_indices = tuple(i % n for i in out_indices) if ok else ()
         if not ok or list(self.out_indices) != sorted(set(self.out_indices)):
             raise ValueError(f"out_indices must be a non-empty sequence of increasing stage indices in [0, {n}) "
                              f"(or negative from the end), got {out_indices!r}")
-        if not -1 <= frozen_stages <= n:
+        if not _is_int(frozen_stages) or not -1 <= frozen_stages <= n:
             raise ValueError(f"frozen_stages must be in [-1, {n}], got {frozen_stages}")
         trunk.prune_intermediate_layers(list(self.out_indices), prune_norm=True, prune_head=True)
         self.trunk = freeze_batchnorm(trunk) if freeze_bn else trunk
@@ -149,6 +162,25 @@ def _split(detector: type, kwargs: dict):
     return {k: v for k, v in kwargs.items() if k not in known}, detector_kw
 
 
+def _features(model, num_classes: int, fpn_channels: int, mine: dict, rest: dict) -> ZooFeatures:
+    """The detector's trunk, after checking the builder's numbers. torchvision's image transform
+    normalises with ImageNet's 3-channel mean and std unless told: it is told the model's own
+    (its pretrained_cfg), which must have one value per input channel."""
+    check_positive_int("num_classes", num_classes)  # torchvision's count, background included
+    check_positive_int("fpn_channels", fpn_channels)
+    features = ZooFeatures(model, **mine)
+    trunk = features.trunk
+    cfg = getattr(trunk, "pretrained_cfg", None) or {}
+    for key, field in (("image_mean", "mean"), ("image_std", "std")):
+        if key not in rest:
+            value = tuple(cfg.get(field) or ())
+            if len(value) != trunk.in_chans:
+                raise ValueError(f"{trunk.cfg.name} takes {trunk.in_chans} input channel(s) but its "
+                                 f"pretrained_cfg {field} has {len(value)} value(s): pass image_mean and image_std")
+            rest[key] = list(value)
+    return features
+
+
 def _levels(features: ZooFeatures, extra: int) -> list:
     """The strides of the pyramid's levels: the chosen stages', then ``extra`` halvings."""
     return list(features.strides) + [features.strides[-1] * 2 ** (i + 1) for i in range(extra)]
@@ -160,7 +192,7 @@ def _rcnn(detector: type, model, num_classes: int, fpn_channels: int, kwargs: di
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.ops import MultiScaleRoIAlign
     mine, rest = _split(detector, kwargs)
-    features = ZooFeatures(model, **mine)
+    features = _features(model, num_classes, fpn_channels, mine, rest)
     strides, names = _levels(features, 1), [str(i) for i in range(len(features.strides))]
     rest.setdefault("rpn_anchor_generator",
                     AnchorGenerator(tuple((8 * s,) for s in strides), ((0.5, 1.0, 2.0),) * len(strides)))
@@ -189,7 +221,7 @@ def retinanet(model: Union[str, nn.Module], num_classes: int, fpn_channels: int 
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     mine, rest = _split(RetinaNet, kwargs)
     mine.setdefault("out_indices", (1, 2, 3))
-    features = ZooFeatures(model, **mine)
+    features = _features(model, num_classes, fpn_channels, mine, rest)
     strides = _levels(features, 2)
     rest.setdefault("anchor_generator", AnchorGenerator(
         tuple((4 * s, int(4 * s * 2 ** (1 / 3)), int(4 * s * 2 ** (2 / 3))) for s in strides),

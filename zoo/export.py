@@ -93,7 +93,7 @@ def check_onnx(model: nn.Module, path: Union[str, Path], x: Optional[torch.Tenso
     got = session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
     with torch.no_grad():
         want = model(x)
-    wants = [want] if isinstance(want, torch.Tensor) else list(want)
+    wants = [want] if isinstance(want, torch.Tensor) else list(want.values() if isinstance(want, dict) else want)
     if len(wants) != len(got):
         raise ValueError(f"{path} has {len(got)} outputs, the model returns {len(wants)}")
     return max((torch.from_numpy(g) - w.cpu()).abs().max().item() for g, w in zip(got, wants)), want

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.detection import ZooFeatures
+from zoo.detection import ZooFeatures, check_positive_int
 
 __all__ = ["SegmentationModel", "segmentation_loss"]
 
@@ -97,9 +97,8 @@ class SegmentationModel(nn.Module):
     def __init__(self, model: Union[str, nn.Module], num_classes: int, head: Literal["fpn", "upernet"] = "fpn",
                  channels: int = 256, **feature_kwargs):
         super().__init__()
-        for name, v in (("num_classes", num_classes), ("channels", channels)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_positive_int("num_classes", num_classes)
+        check_positive_int("channels", channels)
         self.backbone = ZooFeatures(model, **feature_kwargs)
         if head == "fpn":
             self.head = SemanticFPNHead(self.backbone.channels, self.backbone.strides, channels, num_classes)
@@ -116,6 +115,8 @@ class SegmentationModel(nn.Module):
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     """Pixel-wise cross-entropy; ``target`` is (B, H, W) class indices, ``ignore_index`` skipped.
     Logits of another size are resized to the target's first."""
+    if target.is_floating_point() or target.is_complex():
+        raise ValueError(f"target must hold class indices (an integer tensor, B x H x W), got {target.dtype}")
     if logits.shape[-2:] != target.shape[-2:]:
         logits = _resize(logits, target.shape[-2:])
     # summed, then divided by the counted pixels: 0 (not NaN, as a mean over nothing) when every
