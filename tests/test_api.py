@@ -28,7 +28,9 @@ def test_create_with_num_classes_and_pretrained_cfg():
     assert cfg["first_conv"] == "stem.proj.0" and cfg["classifier"] == "head.fc"
     data_cfg = timm.data.resolve_data_config({}, model=m)
     assert data_cfg["input_size"] == (3, 224, 224)
-    assert timm.create_model("zoo_swin_tiny").pretrained_cfg["crop_pct"] == 0.9
+    swin = timm.create_model("zoo_swin_tiny").pretrained_cfg
+    assert swin["crop_pct"] == 0.9 and swin["paper_ids"] == "https://arxiv.org/abs/2103.14030"
+    assert swin["notes"] == ("architecture as timm swin_tiny_patch4_window7_224",) and "origin_url" not in swin
 
 
 def test_forward_features_head_and_intermediates(model):

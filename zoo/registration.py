@@ -41,8 +41,11 @@ def pretrained_cfg_for(cfg: ModelConfig) -> dict:
         crop_pct=p.get("crop_pct", 0.875), crop_mode=p.get("crop_mode", "center"),
         interpolation=p.get("interpolation", "bicubic"), mean=tuple(mean), std=tuple(std),
         first_conv=f"stem.{first_conv}", classifier="head.fc", min_input_size=(cfg.in_chans, MIN_INPUT, MIN_INPUT),
-        description=cfg.description or None, origin_url=cfg.reference.get("source"),
+        description=cfg.description or None,
     )
+    source = cfg.reference.get("source")
+    if source:  # the implementation the architecture follows: a repository and file, not a URL
+        out["notes"] = (f"architecture as {source}",)
     for key in ("license", "paper_ids", "notes"):
         if key in p:
             out[key] = p[key]
