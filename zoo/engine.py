@@ -301,9 +301,9 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
                 # the next validation names a new one
                 best = {"metric": None, "epoch": None, "update": None}
             if dist.is_main:
-                where = f"update {start_update}/{upe} of epoch {start_epoch + 1}" if start_update else \
-                    f"the end of epoch {start_epoch}"
-                print(f"resumed from {snap} at {where} ({num_updates} updates done)", file=sys.stderr)
+                where = f"after update {start_update}/{upe} of epoch {start_epoch + 1}" if start_update else \
+                    f"at the end of epoch {start_epoch}"
+                print(f"resumed from {snap} {where} ({num_updates} updates done)", file=sys.stderr)
                 if changed:
                     print("with recipe changes: " + "; ".join(changed), file=sys.stderr)
                 newer = snapshot.continue_from(run_dir, snap, best_tag)
