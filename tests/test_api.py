@@ -107,6 +107,8 @@ def test_pruned_model_works_as_timms_does(name, timm_name, timm_kw):
     m = timm.create_model(name).to(torch.bfloat16)
     m.prune_intermediate_layers([3])  # the default prune_head: features at the end, no head
     assert m(x.bfloat16()).shape == (1, m.num_features, 2, 3) and m.head_hidden_size == m.num_features
+    m.reset_classifier(5, "avg")  # the pruned head has no parameters to take a dtype from
+    assert m.get_classifier().weight.dtype == torch.bfloat16 and m(x.bfloat16()).shape == (1, 5)
 
 
 @pytest.mark.parametrize("name", [NAME, "zoo_maxvit_tiny"])  # a plain head; one with norm and hidden layer

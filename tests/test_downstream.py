@@ -109,13 +109,15 @@ def test_detector_keywords_reach_the_backbone():
             retinanet(_cfg("nat"), **kw)
 
 
-def test_detectors_normalise_as_the_model_was_trained():
+def test_detectors_normalise_as_the_model_was_trained(tmp_path):
     """torchvision's transform uses ImageNet's 3-channel mean/std unless told; the model's own are
     given to it, and a model of other input channels must be given its own."""
-    model = faster_rcnn(_cfg("nat"), num_classes=3)
-    trunk = model.backbone.body.trunk
-    assert model.transform.image_mean == list(trunk.pretrained_cfg["mean"])
-    assert model.transform.image_std == list(trunk.pretrained_cfg["std"])
+    inception = tmp_path / "inception_stats.yaml"
+    inception.write_text(f"base: {_cfg('nat')}\npretrained: {{mean: inception}}\n")
+    import zoo
+    for model in (inception, zoo.Backbone(inception)):  # built by name, or directly (no pretrained_cfg)
+        detector = faster_rcnn(model, num_classes=3)
+        assert detector.transform.image_mean == detector.transform.image_std == [0.5, 0.5, 0.5]
     with pytest.raises(ValueError, match="takes 1 input channel.*mean has 3 value.*pass image_mean and image_std"):
         retinanet(_cfg("nat"), num_classes=3, in_chans=1)
     gray = retinanet(_cfg("nat"), num_classes=3, in_chans=1, image_mean=[0.5], image_std=[0.25],

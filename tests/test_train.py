@@ -97,12 +97,13 @@ def test_every_schedule_a_recipe_may_name_trains(folder, tmp_path, name):
 
 def test_poly_schedule_takes_its_power(folder, tmp_path):
     """timm reads the poly schedule's power from decay_rate, which recipes keep for step decay."""
-    s = {"schedule.name": "poly", "schedule.min_lr": 0.0, "train.max_steps": 6, "train.epochs": 1}
+    s = {"schedule.name": "poly", "schedule.min_lr": 0.0, "train.max_steps": 6, "train.epochs": 1,
+         "schedule.decay_rate": 0.5}
     lrs = {p: _lrs(train(tiny(folder, **{**s, "schedule.power": p}), out_dir=tmp_path / str(p))["run_dir"])
-           for p in (1.0, 2.0)}
+           for p in (1.0, 2.0, None)}  # None: timm's convention, decay_rate (recipes written before power)
     lr0 = tiny(folder).lr()
     for p, by_update in lrs.items():  # the lr used for update u+1 is set after update u
-        assert by_update[3] == pytest.approx(lr0 * (1 - 3 / 6) ** p), p
+        assert by_update[3] == pytest.approx(lr0 * (1 - 3 / 6) ** (p or 0.5)), p
 
 
 def test_lr_scales_with_batch():
@@ -268,12 +269,20 @@ def test_resuming_an_older_checkpoint_relinks_last_and_best(folder, tmp_path, ca
     checkpoint: 'best' must not stay on a checkpoint of the continuation being replaced."""
     train(tiny(folder, **{"train.epochs": 3, "output.keep_last": 5}), out_dir=tmp_path / "run")
     six = tmp_path / "run/checkpoints/update-00000006"
-    train(tiny(folder, **{"train.epochs": 3, "train.max_steps": 9, "output.keep_last": 5}), resume=str(six))
+    train(tiny(folder, **{"train.epochs": 3, "train.max_steps": 9, "output.keep_last": 1}), resume=str(six))
     assert (tmp_path / "run/last").resolve().name == "update-00000009"
     assert (tmp_path / "run/best").resolve() == six.resolve()  # the only validation before update 9
     err = capsys.readouterr().err
     assert "resumed from" in err and "at the end of epoch 1 (6 updates done)" in err
     assert "(update-00000012, update-00000018) are from a continuation this run replaces" in err
+    # nothing of the replaced continuation is deleted before the new run has passed it
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == [
+        "update-00000006", "update-00000009", "update-00000012", "update-00000018"]
+    train(tiny(folder, **{"train.epochs": 3, "train.max_steps": 13, "output.keep_last": 1}),
+          out_dir=tmp_path / "run", resume="auto")
+    names = {p.name for p in (tmp_path / "run/checkpoints").iterdir()}
+    assert {"update-00000013", "update-00000018"} <= names and "update-00000009" not in names  # 18: not passed
+    assert (tmp_path / "run/best").resolve().name in names
 
 
 def test_resume_finds_a_checkpoint_written_just_before_a_kill(folder, tmp_path):
@@ -681,13 +690,16 @@ def test_bench_writes_json_and_plot(tmp_path):
         bench(["resnet10t"], iters=1, out=str(tmp_path))  # said before anything is measured
 
 
-@pytest.mark.parametrize("kwargs", [{"global_pool": ""}, {"global_pool": "max", "in_chans": 1}])
+@pytest.mark.parametrize("kwargs", [{}, {"global_pool": ""}, {"global_pool": "max", "in_chans": 1, "num_classes": 5}])
 def test_save_pretrained_keeps_the_arguments_that_shaped_the_model(tmp_path, kwargs):
-    model = zoo.create_model("zoo_nat_demo", num_classes=5, **kwargs).eval()
+    model = zoo.create_model("zoo_nat_demo", **kwargs).eval()
     d = zoo.save_pretrained(model, tmp_path / "export")
     x = torch.randn(2, kwargs.get("in_chans", 3), 64, 64)
-    for loaded in (zoo.create_model(d, pretrained=True), timm.create_model(f"local-dir:{d}", pretrained=True)):
+    for i, loaded in enumerate((zoo.create_model(d, pretrained=True),
+                                timm.create_model(f"local-dir:{d}", pretrained=True))):
         torch.testing.assert_close(loaded.eval()(x), model(x))
+        again = zoo.save_pretrained(loaded, tmp_path / f"again{i}")  # a loaded model saves (and pushes) again
+        torch.testing.assert_close(zoo.create_model(again, pretrained=True).eval()(x), model(x))
     (d / "config.json").unlink()
     with pytest.raises(ValueError, match="has no config.json: not a folder zoo.save_pretrained wrote"):
         zoo.create_model(d, pretrained=True)

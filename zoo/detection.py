@@ -170,7 +170,8 @@ def _features(model, num_classes: int, fpn_channels: int, mine: dict, rest: dict
     check_positive_int("fpn_channels", fpn_channels)
     features = ZooFeatures(model, **mine)
     trunk = features.trunk
-    cfg = getattr(trunk, "pretrained_cfg", None) or {}
+    from zoo.registration import pretrained_cfg_for
+    cfg = getattr(trunk, "pretrained_cfg", None) or pretrained_cfg_for(trunk.cfg)  # a Backbone built directly
     for key, field in (("image_mean", "mean"), ("image_std", "std")):
         if key not in rest:
             value = tuple(cfg.get(field) or ())

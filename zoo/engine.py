@@ -247,7 +247,7 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
             optimizer, sched=sch.name, num_epochs=tr.epochs, warmup_epochs=warmup_epochs, warmup_lr=sch.warmup_lr,
             min_lr=sch.min_lr, cooldown_epochs=sch.cooldown_epochs, step_on_epochs=sch.step_on == "epoch",
             decay_epochs=sch.decay_epochs or 0, decay_milestones=sch.decay_milestones or (),
-            decay_rate=sch.power if sch.name == "poly" else sch.decay_rate,  # timm: poly's power is decay_rate
+            decay_rate=sch.power if sch.name == "poly" and sch.power is not None else sch.decay_rate,  # timm's poly power
             updates_per_epoch=upe)
         scaler = torch.amp.GradScaler(device.type) if rt.amp == "fp16" else None
         ema = ModelEmaV3(model, decay=R.ema.decay, use_warmup=R.ema.warmup) if R.ema.enabled else None
@@ -295,11 +295,9 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
             best = {**best, **state.get("best", {})}
             rng = state["rng"][dist.rank] if dist.rank < len(state["rng"]) else state["rng"][0]
             snapshot.set_rng_state(rng)
-            best_tag = None if best["update"] is None else _tag(best["update"])
-            if best_tag is not None and not (run_dir / "checkpoints" / best_tag).is_dir():
-                # the best checkpoint is not in this run directory (pruned, or another run's):
-                # the next validation names a new one
-                best = {"metric": None, "epoch": None, "update": None}
+            best_tag = snapshot.best_up_to(run_dir, snap, best["update"])
+            if best_tag is None:  # not in this run directory (pruned, or another run's): the next
+                best = {"metric": None, "epoch": None, "update": None}  # validation names a new one
             if dist.is_main:
                 where = f"after update {start_update}/{upe} of epoch {start_epoch + 1}" if start_update else \
                     f"at the end of epoch {start_epoch}"
@@ -309,8 +307,8 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
                 newer = snapshot.continue_from(run_dir, snap, best_tag)
                 if newer:
                     print(f"{run_dir}: checkpoints after the resumed one ({', '.join(newer)}) are from a "
-                          f"continuation this run replaces: 'last' and 'best' no longer point to them, and "
-                          f"they are pruned as newer checkpoints are written", file=sys.stderr)
+                          f"continuation this run replaces: 'last' and 'best' no longer point to them; each is "
+                          f"kept until this run has passed its update", file=sys.stderr)
         else:
             # per-rank stream for drop path etc. (rank 0 keeps the plain seed: 1 process == rank 0)
             _seed_all(tr.seed + dist.rank)
@@ -359,7 +357,7 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
                            "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
                            "update_in_epoch": update_in_epoch, "num_updates": num_updates, "rng": states,
                            "best": best}
-            tag = _tag(num_updates)
+            tag = snapshot.tag(num_updates)
             snapshot.save(run_dir, tag, model_state=unwrap(model).state_dict(), meta=meta,
                           model_yaml_text=model_yaml,
                           ema_state=ema.module.state_dict() if ema is not None else None,
@@ -540,10 +538,6 @@ def _on_sigterm(callback):
 def _last_good(run_dir: Path) -> str:
     p = run_dir / "last"
     return str(p.resolve()) if p.exists() else "none (no checkpoint was written yet)"
-
-
-def _tag(num_updates: int) -> str:
-    return f"update-{num_updates:08d}"
 
 
 def _snapshot_of(resume, run_dir: Path) -> bool:

@@ -39,8 +39,10 @@ def _architecture(model: torch.nn.Module, for_timm: bool) -> str:
     own = getattr(model, "cfg", None)
     if arch in REGISTERED and own is not None:
         from zoo.config import load_config
-        def body(raw):  # img_size (timm's keyword) sets the data config, not the architecture
-            return {k: v for k, v in raw["model"].items() if k != "img_size"}
+        def body(raw):  # without what create_model's keywords set (img_size: the data config)
+            model = {k: v for k, v in raw["model"].items() if k not in ("img_size", "num_classes", "in_chans")}
+            head = {k: v for k, v in (model.pop("head", None) or {}).items() if k != "pool"}
+            return {**model, "head": head} if head else model
         if body(load_config(REGISTERED[arch]).raw) != body(own.raw):
             raise ValueError(f"the model was built from {own.file or 'a dict'}, which shares the name {arch} with "
                              f"the registered {REGISTERED[arch]} but not its architecture: timm would rebuild the "
@@ -60,13 +62,15 @@ def _model_args(model: torch.nn.Module) -> dict:
     return {k: v for k, v in own.items() if v != default[k]}
 
 
-def _saved_yaml(model: torch.nn.Module) -> str:
+def _saved_yaml(model: torch.nn.Module, args: dict) -> str:
+    """The model's YAML with ``_model_args``' values laid in (head.pool for global_pool)."""
     import copy
 
     from zoo.snapshot import model_yaml
     raw = copy.deepcopy(model.cfg.raw)
-    raw["model"].setdefault("head", {})["pool"] = model.global_pool
-    return model_yaml(raw, {"num_classes": model.num_classes, "in_chans": model.in_chans})
+    if "global_pool" in args:
+        raw["model"]["head"] = {**(raw["model"].get("head") or {}), "pool": args["global_pool"]}
+    return model_yaml(raw, {k: v for k, v in args.items() if k != "global_pool"})
 
 
 def save_pretrained(model: torch.nn.Module, save_dir, data_config: Optional[dict] = None,
@@ -96,7 +100,7 @@ def save_pretrained(model: torch.nn.Module, save_dir, data_config: Optional[dict
         config.setdefault("model_args", {}).update(args)
         atomic_write_bytes(save_dir / "config.json", json.dumps(config, indent=2).encode())
     if getattr(getattr(model, "cfg", None), "raw", None):
-        (save_dir / MODEL_YAML).write_text(_saved_yaml(model))
+        (save_dir / MODEL_YAML).write_text(_saved_yaml(model, args))
     return save_dir
 
 

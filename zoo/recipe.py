@@ -129,7 +129,8 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
             isinstance(e, int) and not isinstance(e, bool) and e > 0 for e in v) and v == sorted(set(v))),
             "must be a list of epochs in increasing order"),
         "decay_rate": (NUM, 0.1, lambda v: 0 < v <= 1, "must be in (0, 1]"),  # step, multistep
-        "power": (NUM, 1.0, lambda v: v > 0, "must be positive"),  # poly: lr ~ (1 - t/T) ** power
+        # poly: lr ~ (1 - t/T) ** power; null: decay_rate, as timm's create_scheduler reads it
+        "power": ((NUM, OPT), None, lambda v: v is None or v > 0, "must be positive"),
         "warmup_epochs": (NUM, 0, _nonneg, "must be >= 0"),
         "warmup_steps": ((int, OPT), None, lambda v: v is None or v >= 0, "must be >= 0"),  # wins over epochs
         "warmup_lr": (NUM, 1e-6, _nonneg, "must be >= 0"),

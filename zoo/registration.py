@@ -46,9 +46,12 @@ def pretrained_cfg_for(cfg: ModelConfig) -> dict:
     source = cfg.reference.get("source")
     if source:  # the implementation the architecture follows: a repository and file, not a URL
         out["notes"] = (f"architecture as {source}",)
-    for key in ("license", "paper_ids", "notes"):
+    for key in ("license", "paper_ids"):
         if key in p:
             out[key] = p[key]
+    if "notes" in p:
+        notes = p["notes"]
+        out["notes"] = (*([notes] if isinstance(notes, str) else notes), *out.get("notes", ()))
     return out
 
 

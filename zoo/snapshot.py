@@ -145,7 +145,7 @@ def save(run_dir: Path, tag: str, *, model_state: dict, meta: dict, model_yaml_t
         raise
     for name in link:
         _point(run_dir / name, Path("checkpoints") / tag)
-    _prune(run_dir, keep_last)
+    _prune(run_dir, keep_last, tag)
     return final
 
 
@@ -158,8 +158,9 @@ def _point(link: Path, target: Path) -> None:
     _fsync_dir(link.parent)
 
 
-def _prune(run_dir: Path, keep_last: int) -> None:
-    """Remove snapshots that no link points to, keeping the ``keep_last`` newest."""
+def _prune(run_dir: Path, keep_last: int, current: str) -> None:
+    """Remove snapshots that no link points to, keeping the ``keep_last`` newest and those after
+    ``current`` (a continuation that a run resumed from an older snapshot has not passed yet)."""
     ckpts = run_dir / "checkpoints"
     pinned = set()
     for name in ("last", "best"):
@@ -168,7 +169,7 @@ def _prune(run_dir: Path, keep_last: int) -> None:
             pinned.add((run_dir / os.readlink(p)).resolve())
     snaps = sorted((p for p in ckpts.iterdir() if p.is_dir() and not p.name.startswith(".")),
                    key=lambda p: p.stat().st_mtime)
-    keep = set(s.resolve() for s in snaps[-keep_last:]) | pinned
+    keep = set(s.resolve() for s in snaps[-keep_last:] + [s for s in snaps if s.name > current]) | pinned
     for s in snaps:
         if s.resolve() not in keep:
             shutil.rmtree(s, ignore_errors=True)
@@ -190,22 +191,41 @@ def newest(run_dir: Path) -> Optional[Path]:
     return done[-1].resolve() if done else None
 
 
+def tag(num_updates: int) -> str:
+    """The name of the snapshot written after ``num_updates`` updates (sorts by update)."""
+    return f"update-{num_updates:08d}"
+
+
+def best_up_to(run_dir: Path, snap: Path, update: Optional[int]) -> Optional[str]:
+    """The run's best snapshot as of ``snap``: the one written after ``update`` updates (older
+    checkpoints do not record it: where the ``best`` link points), if it is a complete snapshot
+    of ``run_dir`` no newer than ``snap``; else None."""
+    ckpts = (Path(run_dir) / "checkpoints").resolve()
+    link = Path(run_dir) / "best"
+    if update is not None:
+        name = tag(update)
+    elif link.exists() and link.resolve().parent == ckpts:
+        name = link.resolve().name
+    else:
+        return None
+    return name if name <= Path(snap).name and (ckpts / name / META).is_file() else None
+
+
 def continue_from(run_dir: Path, snap: Path, best_tag: Optional[str]) -> List[str]:
     """Make ``run_dir``'s links describe a run resumed from ``snap``, one of its snapshots: ``last``
-    points at it, ``best`` at ``best_tag`` (the best snapshot up to ``snap``) or nowhere. Returns
-    the snapshots newer than ``snap``: a continuation that the resumed run replaces."""
+    points at it, ``best`` at ``best_tag`` (see ``best_up_to``) or nowhere. Returns the snapshots
+    newer than ``snap``: a continuation the resumed run replaces (``save`` keeps them until the
+    run has passed them)."""
     run_dir, snap = Path(run_dir), Path(snap).resolve()
     ckpts = (run_dir / "checkpoints").resolve()
     if snap.parent != ckpts:
         return []
-    newer = sorted(p.name for p in ckpts.glob("update-*") if p.name > snap.name)
     _point(run_dir / "last", Path("checkpoints") / snap.name)
-    best = run_dir / "best"
-    if best_tag is not None and best_tag <= snap.name and (ckpts / best_tag / META).is_file():
-        _point(best, Path("checkpoints") / best_tag)
-    elif best.is_symlink() and (best_tag is not None or not best.exists() or best.resolve().name > snap.name):
-        best.unlink()
-    return newer
+    if best_tag is not None:
+        _point(run_dir / "best", Path("checkpoints") / best_tag)
+    elif (run_dir / "best").is_symlink():
+        (run_dir / "best").unlink()
+    return sorted(p.name for p in ckpts.glob("update-*") if p.name > snap.name)
 
 
 def resolve(path) -> Path:
@@ -219,8 +239,9 @@ def resolve(path) -> Path:
         return p.resolve()
     if (p / "last").exists():
         return (p / "last").resolve()
-    if not (p / "last").is_symlink() and newest(p) is not None:
-        return newest(p)  # a run killed between writing its first checkpoint and linking it
+    found = None if (p / "last").is_symlink() else newest(p)
+    if found is not None:
+        return found  # a run killed between writing its first checkpoint and linking it
     if (p / "last").is_symlink():
         found = sorted(c.name for c in (p / "checkpoints").glob("update-*")) if (p / "checkpoints").is_dir() else []
         raise CheckpointError(f"{p}/last points to {os.readlink(p / 'last')}, which is missing; the checkpoints "
