@@ -23,6 +23,10 @@ from zoo.metrics import MetricLog, plot_curves
 from zoo.recipe import Recipe
 
 
+# The best validation so far: its metric, epoch, and the update of its checkpoint (``best`` link).
+_NO_BEST = {"metric": None, "epoch": None, "update": None}
+
+
 class NonFiniteLossError(TrainingStopped):
     """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
 
@@ -260,7 +264,7 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
 
         # ---- resume
         start_epoch, start_update, num_updates = 0, 0, 0
-        best = {"metric": None, "epoch": None, "update": None}  # update: the best checkpoint's
+        best = dict(_NO_BEST)
         if resume:
             snap = snapshot.resolve(run_dir if resume is True or resume == "auto" else resume)
             meta = snapshot.read_meta(snap)
@@ -297,7 +301,7 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
             snapshot.set_rng_state(rng)
             best_tag = snapshot.best_up_to(run_dir, snap, best["update"])
             if best_tag is None:  # not in this run directory (pruned, or another run's): the next
-                best = {"metric": None, "epoch": None, "update": None}  # validation names a new one
+                best = dict(_NO_BEST)  # validation names a new one
             if dist.is_main:
                 where = f"after update {start_update}/{upe} of epoch {start_epoch + 1}" if start_update else \
                     f"at the end of epoch {start_epoch}"
@@ -542,10 +546,7 @@ def _last_good(run_dir: Path) -> str:
 
 def _snapshot_of(resume, run_dir: Path) -> bool:
     """Whether ``--resume`` continues a checkpoint of ``run_dir`` (rather than another run's)."""
-    if resume in (True, "auto"):
-        return True
-    snap = snapshot.resolve(resume)
-    return snap.parent == (Path(run_dir) / "checkpoints").resolve()
+    return resume in (True, "auto") or snapshot.in_run(snapshot.resolve(resume), run_dir)
 
 
 def _run_dir(R: Recipe, out_dir, resume) -> Path:

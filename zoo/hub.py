@@ -19,6 +19,8 @@ from zoo.registration import REGISTERED
 from zoo.snapshot import atomic_write_bytes
 
 MODEL_YAML = "zoo_model.yaml"
+# create_model's keywords that shape a zoo model, and the model-section key of its YAML that each sets
+KEYWORD_KEYS = {"num_classes": ("num_classes",), "in_chans": ("in_chans",), "global_pool": ("head", "pool")}
 
 
 def _architecture(model: torch.nn.Module, for_timm: bool) -> str:
@@ -40,9 +42,10 @@ def _architecture(model: torch.nn.Module, for_timm: bool) -> str:
     if arch in REGISTERED and own is not None:
         from zoo.config import load_config
         def body(raw):  # without what create_model's keywords set (img_size: the data config)
-            model = {k: v for k, v in raw["model"].items() if k not in ("img_size", "num_classes", "in_chans")}
-            head = {k: v for k, v in (model.pop("head", None) or {}).items() if k != "pool"}
-            return {**model, "head": head} if head else model
+            model = {**raw["model"], "img_size": None}
+            for path in KEYWORD_KEYS.values():
+                _set(model, path, None)
+            return model
         if body(load_config(REGISTERED[arch]).raw) != body(own.raw):
             raise ValueError(f"the model was built from {own.file or 'a dict'}, which shares the name {arch} with "
                              f"the registered {REGISTERED[arch]} but not its architecture: timm would rebuild the "
@@ -57,20 +60,27 @@ def _model_args(model: torch.nn.Module) -> dict:
     cfg = getattr(model, "cfg", None)
     if cfg is None:
         return {}
-    own = {"num_classes": model.num_classes, "in_chans": model.in_chans, "global_pool": model.global_pool}
     default = {"num_classes": cfg.num_classes, "in_chans": cfg.in_chans, "global_pool": cfg.head["pool"]}
-    return {k: v for k, v in own.items() if v != default[k]}
+    return {k: getattr(model, k) for k in KEYWORD_KEYS if getattr(model, k) != default[k]}
+
+
+def _set(model: dict, path: tuple, value) -> None:
+    """Set the model-section key at ``path`` (copying the dicts on the way, not changing the caller's)."""
+    *parents, last = path
+    for key in parents:
+        child = dict(model.get(key) or {})
+        model[key] = child
+        model = child
+    model[last] = value
 
 
 def _saved_yaml(model: torch.nn.Module, args: dict) -> str:
-    """The model's YAML with ``_model_args``' values laid in (head.pool for global_pool)."""
-    import copy
-
+    """The model's YAML with ``_model_args``' values laid in at their ``KEYWORD_KEYS``."""
     from zoo.snapshot import model_yaml
-    raw = copy.deepcopy(model.cfg.raw)
-    if "global_pool" in args:
-        raw["model"]["head"] = {**(raw["model"].get("head") or {}), "pool": args["global_pool"]}
-    return model_yaml(raw, {k: v for k, v in args.items() if k != "global_pool"})
+    section = dict(model.cfg.raw["model"])
+    for k, v in args.items():
+        _set(section, KEYWORD_KEYS[k], v)
+    return model_yaml({**model.cfg.raw, "model": section}, {})
 
 
 def save_pretrained(model: torch.nn.Module, save_dir, data_config: Optional[dict] = None,

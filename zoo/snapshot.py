@@ -191,6 +191,11 @@ def newest(run_dir: Path) -> Optional[Path]:
     return done[-1].resolve() if done else None
 
 
+def in_run(snap: Path, run_dir: Path) -> bool:
+    """Whether snapshot ``snap`` is one of ``run_dir``'s (rather than another run's)."""
+    return Path(snap).resolve().parent == (Path(run_dir) / "checkpoints").resolve()
+
+
 def tag(num_updates: int) -> str:
     """The name of the snapshot written after ``num_updates`` updates (sorts by update)."""
     return f"update-{num_updates:08d}"
@@ -200,15 +205,14 @@ def best_up_to(run_dir: Path, snap: Path, update: Optional[int]) -> Optional[str
     """The run's best snapshot as of ``snap``: the one written after ``update`` updates (older
     checkpoints do not record it: where the ``best`` link points), if it is a complete snapshot
     of ``run_dir`` no newer than ``snap``; else None."""
-    ckpts = (Path(run_dir) / "checkpoints").resolve()
     link = Path(run_dir) / "best"
     if update is not None:
         name = tag(update)
-    elif link.exists() and link.resolve().parent == ckpts:
+    elif link.exists() and in_run(link, run_dir):
         name = link.resolve().name
     else:
         return None
-    return name if name <= Path(snap).name and (ckpts / name / META).is_file() else None
+    return name if name <= Path(snap).name and (Path(run_dir) / "checkpoints" / name / META).is_file() else None
 
 
 def continue_from(run_dir: Path, snap: Path, best_tag: Optional[str]) -> List[str]:
@@ -217,15 +221,14 @@ def continue_from(run_dir: Path, snap: Path, best_tag: Optional[str]) -> List[st
     newer than ``snap``: a continuation the resumed run replaces (``save`` keeps them until the
     run has passed them)."""
     run_dir, snap = Path(run_dir), Path(snap).resolve()
-    ckpts = (run_dir / "checkpoints").resolve()
-    if snap.parent != ckpts:
+    if not in_run(snap, run_dir):
         return []
     _point(run_dir / "last", Path("checkpoints") / snap.name)
     if best_tag is not None:
         _point(run_dir / "best", Path("checkpoints") / best_tag)
     elif (run_dir / "best").is_symlink():
         (run_dir / "best").unlink()
-    return sorted(p.name for p in ckpts.glob("update-*") if p.name > snap.name)
+    return sorted(p.name for p in snap.parent.glob("update-*") if p.name > snap.name)
 
 
 def resolve(path) -> Path:
@@ -239,13 +242,13 @@ def resolve(path) -> Path:
         return p.resolve()
     if (p / "last").exists():
         return (p / "last").resolve()
-    found = None if (p / "last").is_symlink() else newest(p)
-    if found is not None:
-        return found  # a run killed between writing its first checkpoint and linking it
-    if (p / "last").is_symlink():
+    if (p / "last").is_symlink():  # dangling
         found = sorted(c.name for c in (p / "checkpoints").glob("update-*")) if (p / "checkpoints").is_dir() else []
         raise CheckpointError(f"{p}/last points to {os.readlink(p / 'last')}, which is missing; the checkpoints "
                               f"there: {found or 'none'} (pass one of them, {p}/checkpoints/<name>)")
+    found = newest(p)
+    if found is not None:
+        return found  # a run killed between writing its first checkpoint and linking it
     raise CheckpointError(f"{p}: not a zoo checkpoint (no {META} or {WEIGHTS}; expected a run directory "
                           f"or one of its checkpoints/ folders)")
 
