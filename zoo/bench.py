@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import torch
 
+from zoo.config import check_positive_int
 from zoo.engine import AMP_DTYPES, build_model, is_zoo, resolve_name
 from zoo.distributed import pick_device
 
@@ -53,8 +54,7 @@ def bench(models: List[str], batch_size: int = 32, img_size: int = 224, dtype: O
     if dtype not in AMP_DTYPES:
         raise ValueError(f"dtype must be one of {[k for k in AMP_DTYPES if k]} or None, got {dtype!r}")
     for key, v in (("batch_size", batch_size), ("img_size", img_size), ("iters", iters)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{key} must be a positive int, got {v!r}")
+        check_positive_int(key, v)
     names = [resolve_name(n) for n in models]  # every name checked before anything is measured
     if out is not None and Path(out).is_dir():
         raise ValueError(f"out: {out} is a directory; give the path of the JSON file to write")

@@ -668,6 +668,12 @@ def pool_problem(pool, head_has_norm_or_hidden: bool) -> Optional[str]:
     return None
 
 
+def check_positive_int(name: str, value) -> None:
+    """ValueError unless ``value`` is an int (not a bool) of at least 1: for keyword arguments."""
+    if value_problem(value, int, lambda v: v >= 1):
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def value_problem(v, kinds, check=None, rule: str = "") -> Optional[str]:
     """What is wrong with ``v`` (not of ``kinds``, a bool where bool is not one of them, or failing
     ``check``), or None."""

@@ -24,6 +24,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from zoo.backbone import Backbone
 from zoo.blocks.layers import LayerNorm2d
+from zoo.config import check_positive_int
 
 __all__ = ["ZooFeatures", "ZooFPN", "freeze_batchnorm", "faster_rcnn", "mask_rcnn", "retinanet"]
 
@@ -44,11 +45,6 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
         else:
             freeze_batchnorm(child)
     return module
-
-
-def check_positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _is_int(v) -> bool:

@@ -18,6 +18,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from zoo.config import value_problem
+
 __all__ = ["export_program", "export_onnx", "check_onnx", "OPSET"]
 
 OPSET = 19  # the first opset with DeformConv (LITv2)
@@ -35,8 +37,7 @@ def export_program(model: nn.Module, input_size: Sequence[int] = (224, 224),
                    batch_size: Optional[int] = None) -> torch.export.ExportedProgram:
     """``torch.export.export`` of the model in eval mode at (C, H, W) or (H, W). With
     ``batch_size=None`` the program takes any batch size; an int fixes it."""
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                   or batch_size < 1):
+    if batch_size is not None and value_problem(batch_size, int, lambda v: v >= 1):
         raise ValueError(f"batch_size must be a positive int or None (any batch), got {batch_size!r}")
     model = model.eval()
     free = batch_size is None  # then traced at 2: torch.export specialises a dimension it sees as 1

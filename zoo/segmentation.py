@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.detection import ZooFeatures, check_positive_int
+from zoo.config import check_positive_int
+from zoo.detection import ZooFeatures
 
 __all__ = ["SegmentationModel", "segmentation_loss"]
 
