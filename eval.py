@@ -46,7 +46,7 @@ def main(argv=None) -> int:
             return 0
         if len(a.models) != 1 or not a.data:
             p.error("evaluation takes one model and --data (use --bench for several)")
-        from zoo.engine import evaluate_folder
+        from zoo.evaluation import evaluate_folder
         m = evaluate_folder(a.models[0], a.data, a.split, a.checkpoint, a.batch_size, a.workers, a.dtype,
                             a.device, a.ema, a.img_size, progress=not a.no_progress)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:

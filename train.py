@@ -11,7 +11,8 @@ import argparse
 import os
 import sys
 
-from zoo.engine import format_validation, train
+from zoo.evaluation import format_validation
+from zoo.training import train
 from zoo.errors import CheckpointError, ConfigError, DataError, TrainingStopped
 from zoo.recipe import load_recipe
 

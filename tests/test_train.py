@@ -1,5 +1,5 @@
-"""train.py / eval.py engine: recipes, exact resume, atomic checkpoints, distributed equivalence,
-metrics and plots, evaluation, benchmarking, hub export. Short runs of the tiny zoo_nat_demo on a
+"""train.py and eval.py (zoo.training, zoo.evaluation): recipes, exact resume, atomic checkpoints,
+distributed equivalence, metrics and plots, evaluation, benchmarking, hub export. Short runs of the tiny zoo_nat_demo on a
 few random 32x32 images; every run is a handful of optimizer steps on a CPU."""
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 import zoo
 from zoo import snapshot
-from zoo.engine import NonFiniteLossError, evaluate_folder, format_validation, train
+from zoo.evaluation import evaluate_folder, format_validation
+from zoo.training import NonFiniteLossError, train
 from zoo.errors import CheckpointError, ConfigError, DataError, TrainingStopped
 from zoo.metrics import read_jsonl
 from zoo.recipe import SCHEDULES, list_recipes, load_recipe, parse_overrides
@@ -433,8 +434,8 @@ def test_crash_mid_save_keeps_last_good(folder, tmp_path, monkeypatch):
 def test_sigterm_checkpoints_the_update_and_resume_continues_exactly(folder, tmp_path, monkeypatch):
     import signal
 
-    import zoo.engine as engine
-    real, calls = engine._criterion, {"n": 0}
+    import zoo.training as training
+    real, calls = training._criterion, {"n": 0}
 
     def preempted_at_third_update(recipe, mixup_on):
         base = real(recipe, mixup_on)
@@ -448,11 +449,11 @@ def test_sigterm_checkpoints_the_update_and_resume_continues_exactly(folder, tmp
 
     train(tiny(folder, **{"train.max_steps": 5}), out_dir=tmp_path / "straight")
     handler = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(engine, "_criterion", preempted_at_third_update)
+    monkeypatch.setattr(training, "_criterion", preempted_at_third_update)
     with pytest.raises(TrainingStopped, match=r"stopped by SIGTERM after update 3, which is saved: .*update-00000003"):
         train(tiny(folder, **{"train.max_steps": 5}), out_dir=tmp_path / "b")
     assert signal.getsignal(signal.SIGTERM) is handler  # the run's handler is gone with it
-    monkeypatch.setattr(engine, "_criterion", real)
+    monkeypatch.setattr(training, "_criterion", real)
     train(tiny(folder, **{"train.max_steps": 5}), out_dir=tmp_path / "b", resume="auto")
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -504,8 +505,8 @@ def test_truncated_or_foreign_checkpoint_is_a_clear_error(folder, trained, tmp_p
 
 
 def test_non_finite_loss_stops_and_keeps_last_good(folder, tmp_path, monkeypatch):
-    import zoo.engine as engine
-    real = engine._criterion
+    import zoo.training as training
+    real = training._criterion
     calls = {"n": 0}
 
     def poisoned(recipe, mixup_on):
@@ -517,7 +518,7 @@ def test_non_finite_loss_stops_and_keeps_last_good(folder, tmp_path, monkeypatch
             return val * float("nan") if calls["n"] >= 3 else val
         return loss
 
-    monkeypatch.setattr(engine, "_criterion", poisoned)
+    monkeypatch.setattr(training, "_criterion", poisoned)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 1, update 3.*update-00000002"):
         train(tiny(folder, **{"train.save_every_steps": 1}), out_dir=out)
@@ -563,7 +564,7 @@ def test_cli_names_the_best_checkpoint_with_its_own_validation(folder, tmp_path,
     assert mod.main([str(ROOT / "configs/train/demo.yaml"), "--output", str(tmp_path), *sum(sets, [])]) == 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("best checkpoint: ")]
     val = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "val"]
-    best = max(val, key=lambda r: r["top1"])  # the first of equals, as the engine keeps
+    best = max(val, key=lambda r: r["top1"])  # the first of equals, as training keeps
     path = (tmp_path / "checkpoints" / f"update-{best['update']:08d}").resolve()
     assert line == [f"best checkpoint: {path}  ({format_validation(best)})"]
 

@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 
 from zoo.config import check_positive_int
-from zoo.engine import AMP_DTYPES, build_model, is_zoo, resolve_name
+from zoo.models import AMP_DTYPES, build_model, is_zoo, resolve_name
 from zoo.distributed import pick_device
 
 

@@ -385,7 +385,7 @@ def _check_model_name(name: str, file: Optional[Path], fail) -> None:
         if not any(p.is_file() for p in here):
             fail("model.name", f"model config {name!r} does not exist (looked for {', '.join(map(str, here))})")
         return
-    from zoo.engine import resolve_name
+    from zoo.models import resolve_name
     try:
         resolve_name(name)
     except ValueError as e:
