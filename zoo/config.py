@@ -9,25 +9,24 @@ changes replaces the base spec instead of merging with it. A variant does not in
 base's architecture; ``reference.source`` and ``reference.layout`` (the checkpoint layout) carry
 over. A dict config may name a ``base`` too, found as from a file in the working directory.
 
-Validation reads each registered class's ``__init__`` signature (see blocks/registry.py), so a new
-block type needs no edit here. A list given to a parameter whose annotation is not a sequence is a
-per-block cycle over the stage (DiNAT's ``dilation: [1, 8, 1]``, Swin's ``shift: [false, true]``);
-it repeats over the blocks, and its last repetition may be cut short (GC-ViT's local/global
-``[false, true]`` over a stage of 3 or 19 blocks), but it must not be longer than the stage depth.
-For per-axis (``Pair``) parameters a list is always such
-a cycle, and a rectangular value is written ``{h: 7, w: 9}``.
+Each spec is checked against its registered class's ``__init__`` signature (zoo.specs, see
+blocks/registry.py), so a new block type needs no edit here. A list given to a parameter whose
+annotation is not a sequence is a per-block cycle over the stage (DiNAT's ``dilation: [1, 8, 1]``,
+Swin's ``shift: [false, true]``); it repeats over the blocks, and its last repetition may be cut
+short (GC-ViT's local/global ``[false, true]`` over a stage of 3 or 19 blocks), but it must not be
+longer than the stage depth. For per-axis (``Pair``) parameters a list is always such a cycle, and
+a rectangular value is written ``{h: 7, w: 9}``.
 """
 from __future__ import annotations
 
 import copy
 import inspect
 import re
-import typing
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import get_act_layer
@@ -35,6 +34,7 @@ from timm.layers import get_act_layer
 from zoo.blocks import registry
 from zoo.blocks.layers import NCHW
 from zoo.errors import ConfigError
+from zoo.specs import validate_spec, with_defaults
 from zoo.yamlio import read_mapping
 
 TOP_KEYS = {"description", "base", "reference", "pretrained", "model"}
@@ -159,194 +159,6 @@ def _with_base(data: dict, path: Path, chain: Tuple[Path, ...], prov: Dict[str, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Checking values against annotations
-
-
-class _Fail(Exception):
-    def __init__(self, key: str, message: str):
-        self.key, self.message = key, message
-
-
-def _origin(ann):
-    return typing.get_origin(ann)
-
-
-def _spec_marker(ann) -> Optional[registry.Spec]:
-    if _origin(ann) is typing.Annotated:
-        for meta in ann.__metadata__:
-            if isinstance(meta, registry.Spec):
-                return meta
-    return None
-
-
-def _accepts_sequence(ann) -> bool:
-    if ann is inspect.Parameter.empty:
-        return True
-    if _spec_marker(ann) is not None:
-        return False
-    origin = _origin(ann)
-    if origin in (list, tuple, List, Tuple):
-        return True
-    if origin is typing.Union:
-        return any(_accepts_sequence(a) for a in typing.get_args(ann))
-    return ann in (list, tuple)
-
-
-def _ranges(ann) -> List[registry.Range]:
-    return [m for m in ann.__metadata__ if isinstance(m, registry.Range)] if _origin(ann) is typing.Annotated else []
-
-
-def _matches(value, ann) -> bool:
-    if ann is inspect.Parameter.empty or ann is Any:
-        return True
-    if _spec_marker(ann) is not None:
-        return value is None or isinstance(value, dict)
-    origin = _origin(ann)
-    if origin is typing.Annotated:
-        return _matches(value, ann.__origin__) and all(value in r for r in _ranges(ann))
-    if origin is typing.Union:
-        return any(_matches(value, a) for a in typing.get_args(ann))
-    if origin is typing.Literal:
-        return value in typing.get_args(ann)
-    if origin in (tuple, Tuple):
-        args = typing.get_args(ann)
-        if not isinstance(value, (list, tuple)):
-            return False
-        if len(args) == 2 and args[1] is Ellipsis:
-            return all(_matches(v, args[0]) for v in value)
-        return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
-    if origin in (list, List):
-        (arg,) = typing.get_args(ann) or (Any,)
-        return isinstance(value, (list, tuple)) and all(_matches(v, arg) for v in value)
-    if ann is type(None):
-        return value is None
-    if ann is bool:
-        return isinstance(value, bool)
-    if ann is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if ann is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ann in (dict, Dict):
-        return isinstance(value, dict)
-    if isinstance(ann, type):
-        return isinstance(value, ann)
-    return True
-
-
-def _describe(ann) -> str:
-    if _spec_marker(ann) is not None:
-        return f"a {_spec_marker(ann).kind} spec (mapping with 'type') or null"
-    origin = _origin(ann)
-    if origin is typing.Annotated:
-        return " ".join([_describe(ann.__origin__)] + [str(r) for r in _ranges(ann)])
-    if origin is typing.Union:
-        return " or ".join(_describe(a) for a in typing.get_args(ann))
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(ann))
-    if origin in (tuple, Tuple):
-        args = typing.get_args(ann)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_describe(args[0])}"
-        return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
-    if origin in (list, List):
-        return f"a list of {_describe((typing.get_args(ann) or (Any,))[0])}"
-    if ann is type(None):
-        return "null"
-    return getattr(ann, "__name__", str(ann))
-
-
-@lru_cache(maxsize=None)
-def _signature(cls) -> Tuple[Dict[str, Any], Dict[str, Any], frozenset]:
-    """(annotations, defaults, required) of a class's config parameters."""
-    sig = inspect.signature(cls.__init__)
-    hints = typing.get_type_hints(cls.__init__, include_extras=True)
-    anns, defaults, required = {}, {}, set()
-    for name, p in list(sig.parameters.items())[1:]:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            raise TypeError(f"{cls.__qualname__}: registered classes must not take *args/**kwargs")
-        anns[name] = hints.get(name, inspect.Parameter.empty)
-        if p.default is p.empty:
-            required.add(name)
-        else:
-            defaults[name] = p.default
-    return anns, defaults, frozenset(required)
-
-
-def _pick(raw, ann, depth: int, index: int):
-    """Resolve a per-block cycle: returns (value, suffix naming the cycle element or '')."""
-    is_cycle = isinstance(raw, list) and (
-        ann == registry.Pair or not _accepts_sequence(ann) or (raw and all(isinstance(e, list) for e in raw)))
-    if not is_cycle:
-        return raw, ""
-    if not raw:
-        raise _Fail("", "a per-block list must not be empty")
-    if len(raw) > depth:
-        raise _Fail("", f"per-block list of length {len(raw)} is longer than the stage depth {depth} "
-                        f"(write one value per block, or a shorter pattern that repeats)")
-    j = index % len(raw)
-    return raw[j], f"[{j}]"
-
-
-def validate_spec(kind: str, spec: Any, path: str, ctx: dict, depth: int = 1, index: int = 0,
-                  where=None) -> Optional[dict]:
-    """Check one spec for block ``index`` of a stage; return it with cycles resolved.
-
-    ``where(path, message)`` raises the ConfigError (it knows which file set the key).
-    """
-    if spec is None:
-        return None
-    if not isinstance(spec, dict):
-        where(path, f"must be a mapping with a 'type' key, got {type(spec).__name__} {spec!r}")
-    if "type" not in spec:
-        where(path, f"missing 'type' (a {kind} type; known: {registry.names(kind)})")
-    if not isinstance(spec["type"], str):
-        where(f"{path}.type", f"must be a string, got {spec['type']!r}")
-    try:
-        cls = registry.lookup(kind, spec["type"])
-    except KeyError:
-        where(f"{path}.type", f"unknown {kind} type {spec['type']!r}; known: {registry.names(kind)}")
-    anns, defaults, required = _signature(cls)
-    injected = registry.INJECTED[kind]
-    allowed = [n for n in anns if n not in injected]
-    resolved = {"type": spec["type"]}
-    suffixes = {}
-    for key, raw in spec.items():
-        if key == "type":
-            continue
-        kpath = f"{path}.{key}"
-        if key not in allowed:
-            where(kpath, f"unknown key for {kind} {spec['type']!r}; valid keys: {sorted(allowed)}")
-        ann = anns[key]
-        try:
-            value, suffix = _pick(raw, ann, depth, index)
-        except _Fail as f:
-            where(kpath, f.message)
-        suffixes[key] = suffix
-        if ann == registry.Pair and isinstance(value, dict):
-            if set(value) != {"h", "w"}:
-                where(kpath + suffix, f"a per-axis value is written {{h: ..., w: ...}}, got {value!r}")
-            value = (value["h"], value["w"])
-        marker = _spec_marker(ann)
-        if marker is not None and isinstance(value, dict):
-            value = validate_spec(marker.kind, value, kpath + suffix, ctx, depth, index, where)
-        elif not _matches(value, ann):
-            where(kpath + suffix, f"expected {_describe(ann)}, got {value!r}")
-        resolved[key] = value
-    missing = sorted(n for n in required if n not in injected and n not in resolved)
-    if missing:
-        where(path, f"missing required key(s) {missing} for {kind} {spec['type']!r}")
-    check = getattr(cls, "check", None)
-    if check is not None:
-        params = {**defaults, **{k: v for k, v in resolved.items() if k != "type"}}
-        try:
-            check(params, ctx)
-        except registry.SpecError as e:
-            kp = f"{path}.{e.key}{suffixes.get(e.key, '')}" if e.key else path
-            where(kp, e.message)
-    return resolved
-
-
-# ----------------------------------------------------------------------------------------------
 # The validated config
 
 
@@ -426,200 +238,173 @@ def load_config(source, name: Optional[str] = None) -> ModelConfig:
     return _validate(raw, name, file, prov)
 
 
-def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path]) -> ModelConfig:
-    def where(keypath: str, message: str, stage: Optional[int] = None):
+# ----------------------------------------------------------------------------------------------
+# Validating the merged YAML
+
+
+class _Reporter:
+    """Raises a merged config's ConfigErrors: ``where`` names the key where the YAML writes it and
+    the file that set it (``prov``: key path -> file); ``keys`` and ``typed`` check plain keys."""
+
+    def __init__(self, raw: dict, file: Optional[Path], prov: Dict[str, Path]):
+        self.raw, self.file, self.prov = raw, file, prov
+
+    def where(self, keypath: str, message: str, stage: Optional[int] = None) -> NoReturn:
         # A stage's block or downsample merges over the model-level spec: name a key where the
         # YAML writes it, and the stage it was being resolved for.
         inherited = re.match(r"model\.stages\[\d+\]\.(block|downsample)(?![a-z_])(.*)", keypath)
-        if inherited and not _written(raw, keypath) and _written(raw, f"model.{inherited[1]}{inherited[2]}"):
+        if inherited and not _written(self.raw, keypath) \
+                and _written(self.raw, f"model.{inherited[1]}{inherited[2]}"):
             keypath = f"model.{inherited[1]}{inherited[2]}"
         if stage is not None and not keypath.startswith(f"model.stages[{stage}]"):
             message = f"{message} (for model.stages[{stage}])"
         # Name the file that set the deepest recorded prefix of this key path.
-        origin, probe = file, keypath
+        origin, probe = self.file, keypath
         while probe:
-            if probe in prov:
-                origin = prov[probe]
+            if probe in self.prov:
+                origin = self.prov[probe]
                 break
             cut = max(probe.rfind("."), probe.rfind("["))
             probe = probe[:cut] if cut > 0 else ""
-        if origin != file and file is not None:
-            message = f"{message} (in the base of {file.name})"
+        if origin != self.file and self.file is not None:
+            message = f"{message} (in the base of {self.file.name})"
         raise ConfigError(origin, keypath, message)
 
-    def keys(d, allowed, path):
+    def at_stage(self, stage: int) -> Callable[[str, str], NoReturn]:
+        """``where`` for what is resolved for model.stages[stage] (also keys set at model level)."""
+        return partial(self.where, stage=stage)
+
+    def keys(self, d, allowed, path: str) -> None:
         if not isinstance(d, dict):
-            where(path, f"must be a mapping, got {type(d).__name__}")
+            self.where(path, f"must be a mapping, got {type(d).__name__}")
         for k in d:
             if k not in allowed:
-                where(f"{path}.{k}" if path else str(k), f"unknown key; valid keys: {sorted(allowed)}")
+                self.where(f"{path}.{k}" if path else str(k), f"unknown key; valid keys: {sorted(allowed)}")
 
-    def typed(d, key, path, kinds, default=inspect.Parameter.empty, check=None, rule=""):
+    def typed(self, d: dict, key: str, path: str, kinds, default=inspect.Parameter.empty, check=None, rule=""):
+        """``d[key]`` checked by ``value_problem``; ``default`` where it is missing (if it may be)."""
         if key not in d:
             if default is inspect.Parameter.empty:
-                where(path, f"missing required key {key!r}")
+                self.where(path, f"missing required key {key!r}")
             return default
         v = d[key]
         problem = value_problem(v, kinds, check, rule)
         if problem:
-            where(f"{path}.{key}" if path else key, problem)
+            self.where(f"{path}.{key}" if path else key, problem)
         return v
 
-    keys(raw, TOP_KEYS, "")
-    if "model" not in raw:
-        where("", "missing required key 'model'")
-    ref = raw.get("reference") or {}
-    keys(ref, REFERENCE_KEYS, "reference")
-    if "published" in ref:
-        keys(ref["published"], PUBLISHED_KEYS, "reference.published")
-    typed(ref, "params", "reference", (int, type(None)), None, lambda v: v is None or v > 0, "must be a positive count")
-    typed(ref, "gmacs", "reference", (int, float, type(None)), None, lambda v: v is None or v > 0, "must be positive")
-    pre = raw.get("pretrained") or {}
-    keys(pre, PRETRAINED_KEYS, "pretrained")
 
-    m = raw["model"]
-    keys(m, MODEL_KEYS, "model")
-    in_chans = typed(m, "in_chans", "model", *MODEL_OVERRIDES["in_chans"])
-    num_classes = typed(m, "num_classes", "model", *MODEL_OVERRIDES["num_classes"])
-    _check_pretrained(pre, in_chans, typed, where)
-    img = typed(m, "img_size", "model", (int, list), 224)
-    if isinstance(img, list) and (len(img) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                          for v in img)):
-        where("model.img_size", f"expected an int or [height, width], got {img!r}")
-    img_size = _as_pair(img)
-    if min(img_size) < MIN_INPUT:
-        where("model.img_size", f"must be at least {MIN_INPUT}, got {img!r}")
-    drop_rate = typed(m, "drop_rate", "model", *MODEL_OVERRIDES["drop_rate"])
-    dpr = typed(m, "drop_path_rate", "model", *MODEL_OVERRIDES["drop_path_rate"])
+_PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
-    stem = validate_spec("stem", m.get("stem"), "model.stem", {"in_chans": in_chans}, where=where)
-    if stem is None:
-        where("model.stem", "missing required key 'stem'")
-    stages_raw = m.get("stages")
-    if not isinstance(stages_raw, list) or not stages_raw:
-        where("model.stages", f"must be a non-empty list of stages, got {stages_raw!r}")
-    reduction, size = resize("stem", stem, img_size)
-    smallest = resize("stem", stem, (MIN_INPUT, MIN_INPUT))[1]  # every model runs at MIN_INPUT px
-    _check_map(size, smallest, img_size, "model.stem", where)
-    stages: List[StageConfig] = []
-    prev_dim = None
-    for s, st in enumerate(stages_raw):
-        sp = f"model.stages[{s}]"
 
-        def where_at(path, msg, s=s):
-            where(path, msg, stage=s)
-
-        keys(st, STAGE_KEYS, sp)
-        depth = typed(st, "depth", sp, int, check=lambda v: v >= 1, rule="must be a positive integer")
-        dim = typed(st, "dim", sp, int, check=lambda v: v >= 1, rule="must be a positive integer")
-        ds_spec = st["downsample"] if "downsample" in st else (m.get("downsample") if s > 0 else None)
-        ds_path = f"{sp}.downsample" if "downsample" in st else "model.downsample"
-        if isinstance(ds_spec, dict) and isinstance(st.get("downsample"), dict) \
-                and isinstance(m.get("downsample"), dict) and "type" not in st["downsample"]:
-            ds_spec = _merge(m["downsample"], st["downsample"], "", {}, Path("."))  # null drops a key
-        if ds_spec is not None:
-            ds = validate_spec("downsample", ds_spec, ds_path, {"in_dim": prev_dim, "out_dim": dim},
-                               where=where_at)
-            stride, size = resize("downsample", ds, size)
-            smallest = resize("downsample", ds, smallest)[1]
-            _check_map(size, smallest, img_size, ds_path, where_at)
-            reduction *= stride
+def _written(raw: dict, keypath: str) -> bool:
+    """Whether the merged YAML holds this key path (``model.stages[0].block.mixer``)."""
+    node = raw
+    for name, index in _PATH_TOKEN.findall(keypath):
+        if name and isinstance(node, dict) and name in node:
+            node = node[name]
+        elif index and isinstance(node, list) and int(index) < len(node):
+            node = node[int(index)]
         else:
-            ds = None
-            if s > 0 and prev_dim != dim:
-                where(f"{sp}.dim", f"changes the width from {prev_dim} to {dim} without a downsample")
-            if s == 0 and stem.get("width") not in (None, dim):  # a stem narrower than stage 0 (MaxViT)
-                where("model.stem.width", f"the stem's width {stem['width']} differs from the first stage's "
-                                          f"dim {dim}, and that stage has no downsample to change it")
-        # The stage's context (GC-ViT's global queries, FasterViT's carrier tokens) is checked
-        # first: the blocks that read it say so through registry.read_context.
-        ctx = {"dim": dim, "input_size": size, "stage": s, "img_size": img_size}
-        context = validate_spec("context", st.get("context"), f"{sp}.context", ctx, where=where_at)
-        ctx["context"] = context and _with_defaults("context", context)
-        unit_raw, unit_path = _stage_blocks(m.get("block"), st.get("block"), sp)
-        if unit_raw is None:
-            where_at(f"{sp}.block", "missing: give the stage (or the model) a block spec")
-        if not unit_raw:
-            where_at(unit_path, "is an empty list: give at least one block spec")
-        paths = [f"{unit_path}[{u}]" if len(unit_raw) > 1 else unit_path for u in range(len(unit_raw))]
-        for path, spec in zip(paths, unit_raw):
-            if spec is None:
-                where_at(path, "must be a block spec (a mapping with 'type'), got null")
-        units = [[validate_spec("block", spec, path, ctx, depth, i, where_at) for path, spec in zip(paths, unit_raw)]
-                 for i in range(depth)]
-        if context is not None and not ctx.get("context_read"):
-            where_at(f"{sp}.context", f"no block of the stage reads a {context['type']!r} context")
-        stands_for = ds and getattr(registry.lookup("downsample", ds["type"]), "replaces_first_block", None)
-        if stands_for:  # the downsampler is the first unit's first block at stride 2 (MaxViT's MBConv)
-            first = units[0][0]
-            if first["type"] != stands_for:
-                where_at(ds_path, f"downsample {ds['type']!r} stands in for the stage's first block, which must "
-                                  f"be a {stands_for!r} block, not {first['type']!r}")
-            if depth == 1 and len(units[0]) == 1:
-                where_at(ds_path, f"downsample {ds['type']!r} replaces the stage's only block")
-            ds_full, first_full = _with_defaults("downsample", ds), _with_defaults("block", first)
-            for key in sorted(set(ds_full) & set(first_full) - {"type"}):
-                if ds_full[key] != first_full[key]:
-                    where_at(f"{ds_path}.{key}", f"is {ds_full[key]!r} but the {stands_for!r} block it stands in "
-                                                 f"for has {first_full[key]!r} ({paths[0]}.{key}): they must match")
-        stages.append(StageConfig(depth, dim, units, ds, context, reduction, size))
-        prev_dim = dim
+            return False
+    return True
 
-    norm = validate_spec("norm", m.get("norm"), "model.norm", {"dim": prev_dim}, where=where)
-    head = m.get("head") or {}
-    keys(head, HEAD_KEYS, "model.head")
-    pool = head.get("pool", "avg")
-    head_norm = validate_spec("norm", head.get("norm"), "model.head.norm", {"dim": prev_dim}, where=where)
-    problem = pool_problem(pool, head_norm is not None or bool(head.get("hidden_size")))
-    if problem:
-        where("model.head.pool", problem)
-    if head_norm is not None and registry.lookup("norm", head_norm["type"]).layout != NCHW:
-        where("model.head.norm.type", f"the head's norm acts on the pooled (B, C, 1, 1) map: give a channels-first "
-                                      f"norm (layernorm2d, batchnorm2d), not {head_norm['type']!r}")
-    hidden = typed(head, "hidden_size", "model.head", (int, type(None)), None, lambda v: v is None or v >= 1,
-                   "must be a positive integer or null")
-    act = typed(head, "hidden_act", "model.head", str, "tanh")
-    if "hidden_act" in head and hidden is None:
-        where("model.head.hidden_act", "acts only on the pre-logits layer: give model.head.hidden_size too")
-    try:
-        get_act_layer(act)
-    except KeyError:
-        where("model.head.hidden_act", f"unknown activation {act!r} (a name timm's get_act_layer knows, e.g. tanh)")
-    head = {"pool": pool, "norm": head_norm, "hidden_size": hidden, "hidden_act": act}
+
+def _validate(raw: dict, name: str, file: Optional[Path], prov: Dict[str, Path]) -> ModelConfig:
+    """The ModelConfig of a merged YAML, or the ConfigError for the first problem found in it."""
+    report = _Reporter(raw, file, prov)
+    ref, pre = _check_top_level(raw, report)
+    m = raw["model"]
+    report.keys(m, MODEL_KEYS, "model")
+    in_chans = report.typed(m, "in_chans", "model", *MODEL_OVERRIDES["in_chans"])
+    num_classes = report.typed(m, "num_classes", "model", *MODEL_OVERRIDES["num_classes"])
+    _check_pretrained(pre, in_chans, report)
+    img_size = _img_size(m, report)
+    drop_rate = report.typed(m, "drop_rate", "model", *MODEL_OVERRIDES["drop_rate"])
+    dpr = report.typed(m, "drop_path_rate", "model", *MODEL_OVERRIDES["drop_path_rate"])
+
+    stem = validate_spec("stem", m.get("stem"), "model.stem", {"in_chans": in_chans}, where=report.where)
+    if stem is None:
+        report.where("model.stem", "missing required key 'stem'")
+    stages = _stages(m, stem, img_size, report)
+    dim = stages[-1].dim
+    norm = validate_spec("norm", m.get("norm"), "model.norm", {"dim": dim}, where=report.where)
+    head = _head(m.get("head") or {}, dim, report)
     return ModelConfig(
         name=name, file=file, in_chans=in_chans, num_classes=num_classes, img_size=img_size,
         drop_rate=float(drop_rate), drop_path_rate=float(dpr), stem=stem, stages=stages, norm=norm, head=head,
         reference=ref, pretrained=pre, description=str(raw.get("description", "")), raw=raw)
 
 
-def _check_pretrained(pre: dict, in_chans: int, typed, where) -> None:
+def _check_top_level(raw: dict, report: _Reporter) -> Tuple[dict, dict]:
+    """The top-level keys, ``reference`` and ``pretrained``'s keys: returns (reference, pretrained)."""
+    report.keys(raw, TOP_KEYS, "")
+    if "model" not in raw:
+        report.where("", "missing required key 'model'")
+    ref = raw.get("reference") or {}
+    report.keys(ref, REFERENCE_KEYS, "reference")
+    if "published" in ref:
+        report.keys(ref["published"], PUBLISHED_KEYS, "reference.published")
+    report.typed(ref, "params", "reference", (int, type(None)), None, lambda v: v is None or v > 0,
+                 "must be a positive count")
+    report.typed(ref, "gmacs", "reference", (int, float, type(None)), None, lambda v: v is None or v > 0,
+                 "must be positive")
+    pre = raw.get("pretrained") or {}
+    report.keys(pre, PRETRAINED_KEYS, "pretrained")
+    return ref, pre
+
+
+def _check_pretrained(pre: dict, in_chans: int, report: _Reporter) -> None:
     """The preprocessing keys timm's data config reads from the pretrained_cfg."""
     mean, std = pre.get("mean", "imagenet"), pre.get("std")
     if isinstance(mean, str):
         if mean not in NAMED_STATS:
-            where("pretrained.mean", f"expected one of {sorted(NAMED_STATS)} or a list of {in_chans} numbers, "
-                                     f"got {mean!r}")
+            report.where("pretrained.mean", f"expected one of {sorted(NAMED_STATS)} or a list of {in_chans} "
+                                            f"numbers, got {mean!r}")
         if std is not None:
-            where("pretrained.std", f"comes with the named mean {mean!r}; give both as lists to set them")
+            report.where("pretrained.std", f"comes with the named mean {mean!r}; give both as lists to set them")
     else:
         for key, v in (("mean", mean), ("std", std)):
             if not (isinstance(v, list) and len(v) == in_chans and all(
                     isinstance(e, (int, float)) and not isinstance(e, bool) for e in v)):
-                where(f"pretrained.{key}", f"expected a list of {in_chans} numbers (one per input channel), got {v!r}")
+                report.where(f"pretrained.{key}", f"expected a list of {in_chans} numbers (one per input channel), "
+                                                  f"got {v!r}")
         if min(std) <= 0:
-            where("pretrained.std", f"must be positive, got {std!r}")
-    typed(pre, "crop_pct", "pretrained", (int, float), None, lambda v: 0 < v <= 1, "must be in (0, 1]")
-    typed(pre, "crop_mode", "pretrained", str, None, lambda v: v in ("center", "squash", "border"),
-          "must be one of 'center', 'squash', 'border'")
-    typed(pre, "interpolation", "pretrained", str, None,
-          lambda v: v in ("bicubic", "bilinear", "nearest", "random"), "must be one of 'bicubic', 'bilinear', "
-                                                                     "'nearest', 'random'")
+            report.where("pretrained.std", f"must be positive, got {std!r}")
+    report.typed(pre, "crop_pct", "pretrained", (int, float), None, lambda v: 0 < v <= 1, "must be in (0, 1]")
+    report.typed(pre, "crop_mode", "pretrained", str, None, lambda v: v in ("center", "squash", "border"),
+                 "must be one of 'center', 'squash', 'border'")
+    report.typed(pre, "interpolation", "pretrained", str, None,
+                 lambda v: v in ("bicubic", "bilinear", "nearest", "random"), "must be one of 'bicubic', "
+                                                                            "'bilinear', 'nearest', 'random'")
 
 
-def _with_defaults(kind: str, spec: dict) -> dict:
-    """A resolved spec with the class's defaults filled in."""
-    _, defaults, _ = _signature(registry.lookup(kind, spec["type"]))
-    return {k: v for k, v in {**defaults, **spec}.items() if k not in registry.INJECTED[kind]}
+def _img_size(m: dict, report: _Reporter) -> Tuple[int, int]:
+    """model.img_size as (height, width): an int or a pair, at least MIN_INPUT."""
+    img = report.typed(m, "img_size", "model", (int, list), 224)
+    if isinstance(img, list) and (len(img) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                          for v in img)):
+        report.where("model.img_size", f"expected an int or [height, width], got {img!r}")
+    img_size = _as_pair(img)
+    if min(img_size) < MIN_INPUT:
+        report.where("model.img_size", f"must be at least {MIN_INPUT}, got {img!r}")
+    return img_size
+
+
+@dataclass(frozen=True)
+class _Map:
+    """The feature map so far: its nominal stride, and its size at img_size and at MIN_INPUT."""
+    reduction: int
+    size: Tuple[int, int]
+    smallest: Tuple[int, int]
+
+
+def _after(kind: str, spec: dict, path: str, before: _Map, img_size: Tuple[int, int], where) -> _Map:
+    """The map after a (validated) stem or downsampler, which must leave at least 1x1."""
+    stride, size = resize(kind, spec, before.size)
+    smallest = resize(kind, spec, before.smallest)[1]
+    _check_map(size, smallest, img_size, path, where)
+    return _Map(before.reduction * stride, size, smallest)
 
 
 def _check_map(size, smallest, img_size, path: str, where) -> None:
@@ -637,25 +422,151 @@ def resize(kind: str, spec: dict, size: Tuple[int, int]) -> Tuple[int, Tuple[int
     input of ``size``, from its class's ``out_length``: modules round odd sizes differently (ceil
     for padded stride-2 convolutions, floor for CSWin's stem and LITv2's merging)."""
     cls = registry.lookup(kind, spec["type"])
-    params = {k: v for k, v in _with_defaults(kind, spec).items() if k != "type"}
+    params = {k: v for k, v in with_defaults(kind, spec).items() if k != "type"}
     stride = cls.downscale_of(params) if hasattr(cls, "downscale_of") else cls.downscale
     return stride, (cls.out_length(size[0], params), cls.out_length(size[1], params))
 
 
-_PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+def _stages(m: dict, stem: dict, img_size: Tuple[int, int], report: _Reporter) -> List[StageConfig]:
+    """model.stages, each sized from the map the stem and the stages before it leave."""
+    stages_raw = m.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        report.where("model.stages", f"must be a non-empty list of stages, got {stages_raw!r}")
+    start = _Map(1, img_size, (MIN_INPUT, MIN_INPUT))  # every model runs at MIN_INPUT px
+    fmap = _after("stem", stem, "model.stem", start, img_size, report.where)
+    stages: List[StageConfig] = []
+    for s, st in enumerate(stages_raw):
+        prev_dim = stages[-1].dim if stages else None
+        stage, fmap = _stage(s, st, m, stem, prev_dim, fmap, img_size, report)
+        stages.append(stage)
+    return stages
 
 
-def _written(raw: dict, keypath: str) -> bool:
-    """Whether the merged YAML holds this key path (``model.stages[0].block.mixer``)."""
-    node = raw
-    for name, index in _PATH_TOKEN.findall(keypath):
-        if name and isinstance(node, dict) and name in node:
-            node = node[name]
-        elif index and isinstance(node, list) and int(index) < len(node):
-            node = node[int(index)]
+def _stage(s: int, st, m: dict, stem: dict, prev_dim: Optional[int], fmap: _Map, img_size: Tuple[int, int],
+           report: _Reporter) -> Tuple[StageConfig, _Map]:
+    """model.stages[s]: its depth and width, downsampler, context and blocks; and the map it leaves."""
+    sp = f"model.stages[{s}]"
+    where_at = report.at_stage(s)
+    report.keys(st, STAGE_KEYS, sp)
+    depth = report.typed(st, "depth", sp, int, check=lambda v: v >= 1, rule="must be a positive integer")
+    dim = report.typed(st, "dim", sp, int, check=lambda v: v >= 1, rule="must be a positive integer")
+    ds, ds_path = _stage_downsample(s, sp, st, m, prev_dim, dim, where_at)
+    if ds is not None:
+        fmap = _after("downsample", ds, ds_path, fmap, img_size, where_at)
+    else:
+        if s > 0 and prev_dim != dim:
+            report.where(f"{sp}.dim", f"changes the width from {prev_dim} to {dim} without a downsample")
+        if s == 0 and stem.get("width") not in (None, dim):  # a stem narrower than stage 0 (MaxViT)
+            report.where("model.stem.width", f"the stem's width {stem['width']} differs from the first stage's "
+                                             f"dim {dim}, and that stage has no downsample to change it")
+    # The stage's context (GC-ViT's global queries, FasterViT's carrier tokens) is checked
+    # first: the blocks that read it say so through registry.read_context.
+    ctx = {"dim": dim, "input_size": fmap.size, "stage": s, "img_size": img_size}
+    context = validate_spec("context", st.get("context"), f"{sp}.context", ctx, where=where_at)
+    ctx["context"] = context and with_defaults("context", context)
+    units, paths = _stage_units(m, st, sp, depth, ctx, where_at)
+    if context is not None and not ctx.get("context_read"):
+        where_at(f"{sp}.context", f"no block of the stage reads a {context['type']!r} context")
+    _check_stand_in(ds, ds_path, units, paths, depth, where_at)
+    return StageConfig(depth, dim, units, ds, context, fmap.reduction, fmap.size), fmap
+
+
+def _stage_downsample(s: int, sp: str, st: dict, m: dict, prev_dim: Optional[int], dim: int,
+                      where) -> Tuple[Optional[dict], str]:
+    """The stage's validated downsampler (its own, merged over model.downsample, which stages after
+    the first inherit), or None; and the key path it is written at."""
+    ds_spec = st["downsample"] if "downsample" in st else (m.get("downsample") if s > 0 else None)
+    ds_path = f"{sp}.downsample" if "downsample" in st else "model.downsample"
+    if isinstance(ds_spec, dict) and isinstance(st.get("downsample"), dict) \
+            and isinstance(m.get("downsample"), dict) and "type" not in st["downsample"]:
+        ds_spec = _merge(m["downsample"], st["downsample"], "", {}, Path("."))  # null drops a key
+    if ds_spec is None:
+        return None, ds_path
+    return validate_spec("downsample", ds_spec, ds_path, {"in_dim": prev_dim, "out_dim": dim}, where=where), ds_path
+
+
+def _stage_units(m: dict, st: dict, sp: str, depth: int, ctx: dict, where) -> Tuple[List[List[dict]], List[str]]:
+    """The stage's resolved block specs, ``units[i]`` for repetition i; and the key paths of the unit's specs."""
+    unit_raw, unit_path = _stage_blocks(m.get("block"), st.get("block"), sp)
+    if unit_raw is None:
+        where(f"{sp}.block", "missing: give the stage (or the model) a block spec")
+    if not unit_raw:
+        where(unit_path, "is an empty list: give at least one block spec")
+    paths = [f"{unit_path}[{u}]" if len(unit_raw) > 1 else unit_path for u in range(len(unit_raw))]
+    for path, spec in zip(paths, unit_raw):
+        if spec is None:
+            where(path, "must be a block spec (a mapping with 'type'), got null")
+    units = [[validate_spec("block", spec, path, ctx, depth, i, where) for path, spec in zip(paths, unit_raw)]
+             for i in range(depth)]
+    return units, paths
+
+
+def _stage_blocks(default, own, sp) -> Tuple[Optional[List[dict]], str]:
+    """The stage's repeating unit of block specs: its own block merged over the model's default."""
+    def as_list(b):
+        return None if b is None else (list(b) if isinstance(b, list) else [b])
+
+    d, o = as_list(default), as_list(own)
+    if o is None:
+        return d, "model.block"
+    if d is None or len(d) != len(o):
+        return o, f"{sp}.block"
+    merged = []
+    for db, ob in zip(d, o):
+        if isinstance(db, dict) and isinstance(ob, dict):
+            merged.append(_merge(db, ob, "", {}, Path(".")))
         else:
-            return False
-    return True
+            merged.append(ob)
+    return merged, f"{sp}.block"
+
+
+def _check_stand_in(ds: Optional[dict], ds_path: str, units: List[List[dict]], paths: List[str], depth: int,
+                    where) -> None:
+    """A downsampler that is the first unit's first block at stride 2 (MaxViT's MBConv) must be
+    that block's type, must not be the stage's only block, and must match its parameters."""
+    stands_for = ds and getattr(registry.lookup("downsample", ds["type"]), "replaces_first_block", None)
+    if not stands_for:
+        return
+    first = units[0][0]
+    if first["type"] != stands_for:
+        where(ds_path, f"downsample {ds['type']!r} stands in for the stage's first block, which must "
+                       f"be a {stands_for!r} block, not {first['type']!r}")
+    if depth == 1 and len(units[0]) == 1:
+        where(ds_path, f"downsample {ds['type']!r} replaces the stage's only block")
+    ds_full, first_full = with_defaults("downsample", ds), with_defaults("block", first)
+    for key in sorted(set(ds_full) & set(first_full) - {"type"}):
+        if ds_full[key] != first_full[key]:
+            where(f"{ds_path}.{key}", f"is {ds_full[key]!r} but the {stands_for!r} block it stands in "
+                                      f"for has {first_full[key]!r} ({paths[0]}.{key}): they must match")
+
+
+def _head(head: dict, dim: int, report: _Reporter) -> dict:
+    """model.head, resolved: its pooling, norm (on ``dim`` channels) and pre-logits layer."""
+    report.keys(head, HEAD_KEYS, "model.head")
+    pool = head.get("pool", "avg")
+    head_norm = validate_spec("norm", head.get("norm"), "model.head.norm", {"dim": dim}, where=report.where)
+    problem = pool_problem(pool, head_norm is not None or bool(head.get("hidden_size")))
+    if problem:
+        report.where("model.head.pool", problem)
+    if head_norm is not None and registry.lookup("norm", head_norm["type"]).layout != NCHW:
+        report.where("model.head.norm.type", f"the head's norm acts on the pooled (B, C, 1, 1) map: give a "
+                                             f"channels-first norm (layernorm2d, batchnorm2d), not "
+                                             f"{head_norm['type']!r}")
+    hidden = report.typed(head, "hidden_size", "model.head", (int, type(None)), None, lambda v: v is None or v >= 1,
+                          "must be a positive integer or null")
+    act = report.typed(head, "hidden_act", "model.head", str, "tanh")
+    if "hidden_act" in head and hidden is None:
+        report.where("model.head.hidden_act", "acts only on the pre-logits layer: give model.head.hidden_size too")
+    try:
+        get_act_layer(act)
+    except KeyError:
+        report.where("model.head.hidden_act", f"unknown activation {act!r} (a name timm's get_act_layer knows, "
+                                              f"e.g. tanh)")
+    return {"pool": pool, "norm": head_norm, "hidden_size": hidden, "hidden_act": act}
+
+
+# ----------------------------------------------------------------------------------------------
+# Rules that create_model's and other keyword arguments share with the config
 
 
 def pool_problem(pool, head_has_norm_or_hidden: bool) -> Optional[str]:
@@ -686,22 +597,3 @@ def value_problem(v, kinds, check=None, rule: str = "") -> Optional[str]:
 
 def _tuple(kinds):
     return kinds if isinstance(kinds, tuple) else (kinds,)
-
-
-def _stage_blocks(default, own, sp) -> Tuple[Optional[List[dict]], str]:
-    """The stage's repeating unit of block specs: its own block merged over the model's default."""
-    def as_list(b):
-        return None if b is None else (list(b) if isinstance(b, list) else [b])
-
-    d, o = as_list(default), as_list(own)
-    if o is None:
-        return d, "model.block"
-    if d is None or len(d) != len(o):
-        return o, f"{sp}.block"
-    merged = []
-    for db, ob in zip(d, o):
-        if isinstance(db, dict) and isinstance(ob, dict):
-            merged.append(_merge(db, ob, "", {}, Path(".")))
-        else:
-            merged.append(ob)
-    return merged, f"{sp}.block"
