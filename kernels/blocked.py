@@ -80,9 +80,9 @@ def blocked_na2d(query: Tensor, key: Tensor, value: Tensor, ph: AxisPlan, pw: Ax
     height, width = query.shape[1:3]
     kh, kw = ph.kernel, pw.kernel
     num_keys = kh * kw
-    q, k, v = (_to_windows(t, ph, pw) for t in (query, key, value))
+    q, k, v = (_to_windows(t, ph, pw) for t in (query * scale, key, value))  # scaled q: see na2d
     acc = torch.promote_types(query.dtype, torch.float32)
-    logits = torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale  # (..., heads, K, K)
+    logits = torch.matmul(q, k.transpose(-1, -2)).to(acc)  # (..., heads, K, K)
 
     if rpb is not None:
         th, tw = torch.arange(kh, device=query.device), torch.arange(kw, device=query.device)
@@ -105,7 +105,7 @@ def blocked_na2d(query: Tensor, key: Tensor, value: Tensor, ph: AxisPlan, pw: Ax
             extra = torch.einsum("bipjqhkd,bijnhd->bipjqhkn", q, extra_k)
         else:
             extra = torch.einsum("bipjqhkd,bnhd->bipjqhkn", q, extra_k)
-        logits = torch.cat([logits, extra.to(acc) * scale], dim=-1)
+        logits = torch.cat([logits, extra.to(acc)], dim=-1)
 
     probs = logits.softmax(dim=-1).to(value.dtype)
     out = torch.matmul(probs[..., :num_keys], v)

@@ -329,9 +329,12 @@ def na2d_checked(query: Tensor, key: Tensor, value: Tensor, kernel_size: Tuple, 
     keys = _gather_windows(key, rows, cols)
     values = _gather_windows(value, rows, cols)
     # Softmax statistics in at least fp32 whatever the input dtype (fp16 logits overflow, and
-    # bf16 loses the small differences softmax amplifies); matmuls stay in the input dtype.
+    # bf16 loses the small differences softmax amplifies); matmuls stay in the input dtype, with
+    # the scale folded into the queries first (as timm and the authors do: an fp16 product of
+    # unscaled q and k overflows sooner).
     acc = torch.promote_types(query.dtype, torch.float32)
-    logits = torch.einsum("bxyhd,bxykhd->bxyhk", query, keys).to(acc) * scale
+    query = query * scale
+    logits = torch.einsum("bxyhd,bxykhd->bxyhk", query, keys).to(acc)
 
     if rpb is not None:
         bias = rpb[:, rows.bias_index[:, None, :, None], cols.bias_index[None, :, None, :]]
@@ -350,7 +353,7 @@ def na2d_checked(query: Tensor, key: Tensor, value: Tensor, kernel_size: Tuple, 
     elif extra_k is not None:
         extra = torch.einsum("bxyhd,bnhd->bxyhn", query, extra_k)
     if extra_k is not None:
-        logits = torch.cat([logits, extra.to(acc) * scale], dim=-1)
+        logits = torch.cat([logits, extra.to(acc)], dim=-1)
 
     probs = logits.softmax(dim=-1).to(value.dtype)
     out = torch.einsum("bxyhk,bxykhd->bxyhd", probs[..., :num_keys], values)

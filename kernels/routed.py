@@ -145,7 +145,7 @@ def routed_attention_checked(query: Tensor, key: Tensor, value: Tensor, region_i
         regions = region_index.shape[1]
         if low < 0 or high >= regions:  # a negative index would silently wrap around in the gather
             raise ValueError(f"region_index must lie in [0, regions={regions}), got values in [{low}, {high}]")
-    q = _to_regions(query, rh, rw)  # (B, R, T, heads, D)
+    q = _to_regions(query * scale, rh, rw)  # (B, R, T, heads, D); scaled first, see na2d
     k = _to_regions(key, rh, rw)
     v = _to_regions(value, rh, rw)
     batch = torch.arange(b, device=query.device)[:, None, None]
@@ -156,7 +156,7 @@ def routed_attention_checked(query: Tensor, key: Tensor, value: Tensor, region_i
 
     # Softmax statistics in at least fp32 (as na2d); matmuls stay in the input dtype.
     acc = torch.promote_types(query.dtype, torch.float32)
-    logits = torch.einsum("brqhd,brkhd->brhqk", q, k_sel).to(acc) * scale
+    logits = torch.einsum("brqhd,brkhd->brhqk", q, k_sel).to(acc)
     probs = logits.softmax(dim=-1).to(value.dtype)
     out = torch.einsum("brhqk,brkhd->brqhd", probs, v_sel)
     return _from_regions(out, height, width, rh, rw)

@@ -544,3 +544,17 @@ def test_blocked_path_equals_general_path(case, monkeypatch):
     torch.testing.assert_close(fast, general, atol=1e-10, rtol=0)
     for a, b in zip(fast_grads, general_grads):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("stride, extra", [(1, False), (4, False), (1, True), (4, True)])
+def test_fp16_products_above_its_range_do_not_overflow(stride, extra):
+    """The scale goes into the queries before q.k, as in timm and the authors' code: unscaled,
+    these fp16 products (16 x 70 x 70 = 78400) pass 65504, become inf, and the softmax NaN.
+    stride 4 = kernel takes the whole-window path; ``extra`` adds global extra keys."""
+    torch.manual_seed(0)
+    q = torch.full((1, 8, 8, 2, 16), 70.0)
+    v = torch.randn(1, 8, 8, 2, 16)
+    kw = dict(additional_keys=q[:, 0, :3], additional_values=v[:, 0, :3]) if extra else {}
+    want = na2d(q, q, v, 4, stride, **kw)
+    got = na2d(q.half(), q.half(), v.half(), 4, stride, **{k: t.half() for k, t in kw.items()})
+    torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=2e-3)

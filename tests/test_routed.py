@@ -135,3 +135,14 @@ def test_bad_arguments(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         routed_attention(**args)
+
+
+def test_fp16_products_above_its_range_do_not_overflow():
+    """As na2d's: the scale goes into the queries first, so fp16 q.k of 78400 never exists."""
+    torch.manual_seed(0)
+    q = torch.full((1, 8, 8, 2, 16), 70.0)
+    v = torch.randn(1, 8, 8, 2, 16)
+    index = torch.tensor([[[0, 1], [1, 2], [2, 3], [3, 0]]])
+    want = routed_attention(q, q, v, index, 4)
+    got = routed_attention(q.half(), q.half(), v.half(), index, 4)
+    torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=2e-3)
