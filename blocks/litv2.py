@@ -19,6 +19,7 @@ backbone, which is the version that accepts any input size):
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -176,11 +177,13 @@ class DeformConv2d(nn.Module):
         # layout (per kernel tap: dy, dx) and zero outside the map are those of the DCN kernels
         # the authors ship.
         from torchvision.ops import deform_conv2d
-        offset = self.conv_offset(x)
-        if x.dtype in (torch.float32, torch.float64):
-            return deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride)
-        # torchvision has no bf16 kernel (nor fp16 on a CPU): run it in fp32, as its CUDA autocast does
-        y = deform_conv2d(x.float(), offset.float(), self.weight.float(), self.bias.float(), stride=self.stride)
+        offset = self.conv_offset(x)  # under autocast: low precision, whatever x is
+        # torchvision has no bf16 kernel (nor fp16 on a CPU) and no CPU autocast rule: run it in
+        # fp32 (fp64 stays fp64) with autocast off, and return x's dtype, as its CUDA autocast does
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        device = x.device.type  # the meta device (shape and FLOP counting) has no autocast
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+            y = deform_conv2d(x.to(dt), offset.to(dt), self.weight.to(dt), self.bias.to(dt), stride=self.stride)
         return y.to(x.dtype)
 
 

@@ -98,6 +98,23 @@ def test_features_adapter_options():
     assert [all(not p.requires_grad for p in n.parameters()) for n in feats.norms] == [True, True, False, False]
 
 
+def test_low_precision_trunks():
+    """A bf16 trunk stays bf16 through its frozen BatchNorms, and under autocast a trunk whose
+    frozen (fp32) BatchNorms hand fp32 maps to LITv2's deformable merging runs, close to fp32."""
+    feats = ZooFeatures(_cfg("maxvit"), dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        out = feats(torch.randn(1, 3, 64, 64, dtype=torch.bfloat16))
+    assert {t.dtype for t in out.values()} == {torch.bfloat16}
+    feats = ZooFeatures(_cfg("litv2")).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        want = feats(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = feats(x)
+    for level in want:
+        assert (got[level].float() - want[level]).norm() / want[level].norm() < 0.02, level
+
+
 def test_detector_keywords_reach_the_backbone():
     model = faster_rcnn(_cfg("nat"), num_classes=3, drop_path_rate=0.3, min_size=96)
     rates = [m.drop_prob for m in model.backbone.body.trunk.modules() if hasattr(m, "drop_prob")]

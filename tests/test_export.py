@@ -56,6 +56,16 @@ def test_export_torch_and_onnx(family, tmp_path):
         assert diff < 1e-4, f"{family}: onnxruntime differs from PyTorch by {diff:.2e}"
 
 
+def test_export_in_half_precision(tmp_path):
+    """A float16 model exports and checks with float16 inputs; bfloat16, which onnxruntime's CPU
+    provider cannot run, is refused by check_onnx by name."""
+    model = zoo.create_model(CONFIGS / "tiny_nat.yaml", num_classes=10, dtype=torch.float16).eval()
+    diff, out = check_onnx(model, export_onnx(model, tmp_path / "half.onnx", SIZE))
+    assert out.dtype == torch.float16 and diff < 1e-2
+    with pytest.raises(ValueError, match="no bfloat16 kernels"):
+        check_onnx(model.to(torch.bfloat16), tmp_path / "half.onnx")
+
+
 def test_export_features_at_fixed_batch(tmp_path):
     """A features_only backbone exports all its levels as named outputs; an int batch_size fixes
     the batch axis, and check_onnx builds its own input from the file's shape."""

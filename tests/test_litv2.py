@@ -95,7 +95,10 @@ def test_hilo_heads_split():
 
 
 def test_bf16_runs_deformable_merging_in_fp32():
-    """torchvision's deform_conv2d has no bf16 kernel: a bf16 model, and CPU autocast, still run."""
+    """torchvision's deform_conv2d has no bf16 kernel and no CPU autocast rule: a bf16 model, CPU
+    autocast, and under autocast a merging handed fp32 maps (as after a detector's frozen
+    BatchNorm) still run, and return their input's dtype."""
+    from zoo.blocks.litv2 import DeformableTokenMerging
     torch.manual_seed(0)
     model = zoo.create_model(Path(__file__).parent / "configs" / "tiny_litv2.yaml", num_classes=3).eval()
     x = torch.randn(2, 3, 64, 96)
@@ -107,3 +110,13 @@ def test_bf16_runs_deformable_merging_in_fp32():
     assert low.dtype == torch.bfloat16
     for got in (amp, low):
         torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
+
+    merging = DeformableTokenMerging(8, 16).eval()
+    with torch.no_grad():
+        merging.dconv.conv_offset.weight.normal_(0, 0.3)  # offsets that move the samples
+        maps = torch.randn(2, 8, 12, 10)
+        want = merging(maps)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = merging.dconv(maps)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(merging.act(merging.norm(got)), want, atol=0.05, rtol=0.05)

@@ -40,7 +40,7 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
             frozen.bias.copy_(child.bias.detach())
             frozen.running_mean.copy_(child.running_mean)
             frozen.running_var.copy_(child.running_var)
-            frozen.to(child.weight.device)
+            frozen.to(device=child.weight.device, dtype=child.weight.dtype)
             setattr(module, name, frozen)
         else:
             freeze_batchnorm(child)

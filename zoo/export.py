@@ -29,8 +29,8 @@ def _example(model: nn.Module, input_size: Sequence[int], batch_size: int = 1) -
     size = tuple(input_size)
     if len(size) == 2:
         size = (getattr(model, "in_chans", 3),) + size
-    device = next(model.parameters()).device
-    return torch.randn(batch_size, *size, device=device)
+    weight = next(model.parameters())
+    return torch.randn(batch_size, *size, device=weight.device, dtype=weight.dtype)
 
 
 def export_program(model: nn.Module, input_size: Sequence[int] = (224, 224),
@@ -83,10 +83,14 @@ def _name_outputs_and_batch(graph) -> None:
 def check_onnx(model: nn.Module, path: Union[str, Path], x: Optional[torch.Tensor] = None
                ) -> Tuple[float, Union[torch.Tensor, Sequence[torch.Tensor]]]:
     """Run the ONNX file with onnxruntime (CPU) and PyTorch on the same batch ``x`` (default: a
-    random batch of 2, or of the file's fixed batch size, at the file's image size); return the
+    random batch of 2, or of the file's fixed batch size, at the file's image size, in the model's
+    dtype: float32 or float16); return the
     largest absolute difference over all outputs, and the PyTorch output."""
     import onnxruntime as ort
     model = model.eval()
+    if next(model.parameters()).dtype == torch.bfloat16:
+        raise ValueError("check_onnx runs onnxruntime's CPU provider, which has no bfloat16 kernels (Conv, "
+                         "MatMul): check the export of the model in float32 or float16")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     if x is None:
         batch, *size = session.get_inputs()[0].shape

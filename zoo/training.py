@@ -366,7 +366,8 @@ class _Run:
                 sync = self.ddp.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()
                 with sync:
                     with autocast(device, rt.amp):
-                        loss = self.criterion(self.train_model(images), target)
+                        # the loss in fp32: CPU autocast leaves log_softmax in bf16/fp16
+                        loss = self.criterion(self.train_model(images).float(), target)
                     scaled = loss / tr.accum_steps
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 loss_acc += loss.detach().float().item() / tr.accum_steps
