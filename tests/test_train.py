@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import socket
@@ -205,6 +206,16 @@ def test_run_writes_checkpoints_metrics_and_plot(trained):
     net = zoo.create_model(str(snap / "model.yaml"))
     snapshot.load_into(net, snapshot.read_weights(snap), "test")
     assert net.num_classes == 3
+
+
+def test_bf16_autocast_trains_with_an_fp32_loss(folder, tmp_path):
+    """runtime.amp=bf16 on a CPU: the loss is computed from fp32 logits (CPU autocast would leave
+    log_softmax in bf16, whose 8-bit mantissa the logged losses would show)."""
+    train(tiny(folder, **{"runtime.amp": "bf16", "train.max_steps": 4}), out_dir=tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert any(torch.tensor(v).bfloat16().item() != v for v in losses), losses
 
 
 def test_plot_skipped_with_warning_without_matplotlib(trained, monkeypatch, tmp_path):
