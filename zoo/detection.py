@@ -24,7 +24,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from zoo.backbone import Backbone
 from zoo.blocks.layers import LayerNorm2d
-from zoo.config import check_positive_int
+from zoo.config import check_positive_int, value_problem
 
 __all__ = ["ZooFeatures", "ZooFPN", "freeze_batchnorm", "faster_rcnn", "mask_rcnn", "retinanet"]
 
@@ -45,10 +45,6 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
         else:
             freeze_batchnorm(child)
     return module
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _as_backbone(model: Union[str, nn.Module], pretrained: bool, **kwargs) -> Backbone:
@@ -87,12 +83,12 @@ class ZooFeatures(nn.Module):
         trunk = _as_backbone(model, pretrained, **kwargs)
         n = len(trunk.stages)
         ok = isinstance(out_indices, (tuple, list)) and out_indices and all(
-            _is_int(i) and -n <= i < n for i in out_indices)
+            not value_problem(i, int, lambda i: -n <= i < n) for i in out_indices)
         self.out_indices = tuple(i % n for i in out_indices) if ok else ()
         if not ok or list(self.out_indices) != sorted(set(self.out_indices)):
             raise ValueError(f"out_indices must be a non-empty sequence of increasing stage indices in [0, {n}) "
                              f"(or negative from the end), got {out_indices!r}")
-        if not _is_int(frozen_stages) or not -1 <= frozen_stages <= n:
+        if value_problem(frozen_stages, int, lambda v: -1 <= v <= n):
             raise ValueError(f"frozen_stages must be in [-1, {n}], got {frozen_stages}")
         trunk.prune_intermediate_layers(list(self.out_indices), prune_norm=True, prune_head=True)
         self.trunk = freeze_batchnorm(trunk) if freeze_bn else trunk

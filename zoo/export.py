@@ -84,8 +84,8 @@ def check_onnx(model: nn.Module, path: Union[str, Path], x: Optional[torch.Tenso
                ) -> Tuple[float, Union[torch.Tensor, Sequence[torch.Tensor]]]:
     """Run the ONNX file with onnxruntime (CPU) and PyTorch on the same batch ``x`` (default: a
     random batch of 2, or of the file's fixed batch size, at the file's image size, in the model's
-    dtype: float32 or float16); return the
-    largest absolute difference over all outputs, and the PyTorch output."""
+    dtype: float32 or float16); return the largest absolute difference over all outputs, and the
+    PyTorch output."""
     import onnxruntime as ort
     model = model.eval()
     if next(model.parameters()).dtype == torch.bfloat16:
