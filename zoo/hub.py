@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from zoo.registration import REGISTERED
-from zoo.snapshot import atomic_write_bytes
+from zoo.snapshot import atomic_write_bytes, model_yaml
 
 MODEL_YAML = "zoo_model.yaml"
 # create_model's keywords that shape a zoo model, and the model-section key of its YAML that each sets
@@ -76,7 +76,6 @@ def _set(model: dict, path: tuple, value) -> None:
 
 def _saved_yaml(model: torch.nn.Module, args: dict) -> str:
     """The model's YAML with ``_model_args``' values laid in at their ``KEYWORD_KEYS``."""
-    from zoo.snapshot import model_yaml
     section = dict(model.cfg.raw["model"])
     for k, v in args.items():
         _set(section, KEYWORD_KEYS[k], v)
