@@ -630,6 +630,32 @@ def test_two_processes_match_one(folder, tmp_path):
     assert first_loss(tmp_path / "two") == pytest.approx(first_loss(tmp_path / "one"), rel=1e-5)
 
 
+def test_sync_batchnorm_swaps_the_layers_for_gpu_processes_and_refuses_cpu_ones(folder, capsys):
+    """runtime.sync_batchnorm: under torchrun on GPUs every BatchNorm becomes a SyncBatchNorm with the
+    same state (so checkpoints load into the plain model); gloo CPU processes, which SyncBatchNorm
+    cannot serve, are refused by name before the data is read; one process keeps its model."""
+    from zoo.distributed import Dist
+    from zoo.models import build_model
+    from zoo.training import _check_sync_batchnorm, _sync_batchnorm
+
+    R = tiny(folder, **{"runtime.sync_batchnorm": True})
+    model = build_model(str(ROOT / "tests/configs/tiny_maxvit.yaml"))
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert bn > 0
+    assert _sync_batchnorm(model, R, Dist()) is model
+    gpus = Dist(rank=0, world_size=2, device=torch.device("cuda", 0))
+    _check_sync_batchnorm(R, gpus)
+    synced = _sync_batchnorm(model, R, gpus)
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == bn
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules())
+    assert synced.state_dict().keys() == plain.keys()
+    assert all(torch.equal(v, plain[k]) for k, v in synced.state_dict().items())
+    assert f"{bn} BatchNorm layers synchronised across 2 processes" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"runtime\.sync_batchnorm: needs CUDA devices .* 2 processes are on cpu"):
+        _check_sync_batchnorm(R, Dist(rank=1, world_size=2, device=torch.device("cpu")))
+
+
 # ------------------------------------------------------------------------------------------ eval / bench / hub
 
 

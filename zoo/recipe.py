@@ -151,6 +151,7 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
         "channels_last": (bool, False, None, ""),
         "grad_checkpointing": (bool, False, None, ""),
         "compile": (bool, False, None, ""),
+        "sync_batchnorm": (bool, False, None, ""),  # under torchrun on GPUs: BatchNorm over all ranks' batch
         "deterministic": (bool, False, None, ""),
         "threads": ((int, OPT), None, lambda v: v is None or v > 0, "must be positive"),
     },

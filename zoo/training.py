@@ -92,6 +92,7 @@ class _Run:
             raise ConfigError(R.file, "train.batch_size", f"mixup/cutmix pair the samples of a micro-batch: "
                                                           f"batch_size / (processes x accum_steps) = {self.micro} "
                                                           f"must be even")
+        _check_sync_batchnorm(R, dist)
         train_raw, val_raw = self._folders()
         self._model()
         self._loaders(train_raw, val_raw)
@@ -166,6 +167,7 @@ class _Run:
         R, model = self.R, self.model
         rt, aug, opt_cfg, sch = R.runtime, R.augment, R.optimizer, R.schedule
         model.to(self.device)
+        model = self.model = _sync_batchnorm(model, R, self.dist)
         if rt.channels_last:
             model.to(memory_format=torch.channels_last)
         if rt.grad_checkpointing:
@@ -501,6 +503,28 @@ def _on_sigterm(callback):
         return lambda: None
     old = signal.signal(signal.SIGTERM, lambda signum, frame: callback())
     return lambda: signal.signal(signal.SIGTERM, old)
+
+
+def _check_sync_batchnorm(R: Recipe, dist: zdist.Dist) -> None:
+    if R.runtime.sync_batchnorm and dist.enabled and dist.device.type != "cuda":
+        raise ConfigError(R.file, "runtime.sync_batchnorm", f"needs CUDA devices (torch's SyncBatchNorm runs on "
+                                                            f"GPUs only); this run's {dist.world_size} processes "
+                                                            f"are on {dist.device.type}")
+
+
+def _sync_batchnorm(model: nn.Module, R: Recipe, dist: zdist.Dist) -> nn.Module:
+    """``runtime.sync_batchnorm``: the model with torch's SyncBatchNorm in place of its BatchNorm
+    layers (same parameters and buffers, so checkpoints load into the plain model), which take their
+    training statistics over every process's batch. One process already sees the whole batch: the
+    model is left as it is. (``_check_sync_batchnorm`` has refused CPU processes.)"""
+    if not (R.runtime.sync_batchnorm and dist.enabled):
+        return model
+    count = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if dist.is_main:
+        print(f"runtime.sync_batchnorm: {count} BatchNorm layers synchronised across {dist.world_size} processes"
+              if count else "runtime.sync_batchnorm: the model has no BatchNorm layers, nothing to synchronise",
+              file=sys.stderr)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def _last_good(run_dir: Path) -> str:
