@@ -152,6 +152,9 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
         "grad_checkpointing": (bool, False, None, ""),
         "compile": (bool, False, None, ""),
         "sync_batchnorm": (bool, False, None, ""),  # under torchrun on GPUs: BatchNorm over all ranks' batch
+        # under torchrun, BatchNorm running statistics made equal on all ranks at each epoch's end (timm's --dist-bn)
+        "dist_bn": ((str, OPT), "reduce", lambda v: v in (None, "reduce", "broadcast"),
+                    "must be reduce (the mean over processes), broadcast (rank 0's) or null"),
         "deterministic": (bool, False, None, ""),
         "threads": ((int, OPT), None, lambda v: v is None or v > 0, "must be positive"),
     },

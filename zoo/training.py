@@ -320,6 +320,7 @@ class _Run:
             if stop and update_in_epoch < self.updates_per_epoch:
                 self.save(epoch, update_in_epoch, self.last_val)
                 break
+            self._share_batchnorm_stats()
             is_best = self._validate(epoch, final=stop is not None)
             self.save(epoch + 1, 0, self.last_val, is_best=is_best)
             if stop:
@@ -434,6 +435,18 @@ class _Run:
         if self.ema is not None:
             self.ema.update(self.model, step=self.num_updates)
         self.scheduler.step_update(self.num_updates)
+
+    def _share_batchnorm_stats(self) -> None:
+        """``runtime.dist_bn`` at an epoch's end: every rank's BatchNorm running statistics (DDP
+        hands rank 0's to the others before each forward, then each rank updates them from its own
+        batch) made the mean over the ranks or rank 0's, in the model and its EMA, so each rank
+        validates the model the checkpoint holds. SyncBatchNorm's are equal already."""
+        from timm.utils import distribute_bn
+
+        rt, dist = self.R.runtime, self.dist
+        if dist.enabled and rt.dist_bn and not rt.sync_batchnorm:
+            for model in [self.model] + ([self.ema.module] if self.ema is not None else []):
+                distribute_bn(model, dist.world_size, reduce=rt.dist_bn == "reduce")
 
     def _validate(self, epoch: int, final: bool) -> bool:
         """Validation at the end of an epoch (every ``train.eval_every``, and at the last); whether
