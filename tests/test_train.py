@@ -171,10 +171,22 @@ def test_set_overrides_are_checked():
 
 
 def test_recipe_base_inherits(tmp_path):
+    swin = load_recipe("swin_tiny")
+    assert swin.optimizer.clip_grad == 5.0 and swin.train.epochs == 300
     f = tmp_path / "mine.yaml"
-    f.write_text(f"base: {ROOT / 'configs/train/nat_tiny.yaml'}\nmodel: {{name: zoo_nat_mini}}\n")
+    f.write_text(f"base: {ROOT / 'configs/train/swin_tiny.yaml'}\nmodel: {{name: zoo_swin_small}}\n"
+                 f"optimizer: {{clip_grad: null}}\n")
     r = load_recipe(f)
-    assert r.model.name == "zoo_nat_mini" and r.train.epochs == 300 and r.optimizer.weight_decay == 0.05
+    assert r.model.name == "zoo_swin_small" and r.train.epochs == 300 and r.optimizer.weight_decay == 0.05
+    assert r.optimizer.clip_grad is None  # a null is a value in a recipe (no clipping), not the default
+    # a dict names its base as a file does (the base was ignored: 'missing required key model.name')
+    mine = load_recipe({"base": "swin_tiny", "train": {"epochs": 30}})
+    assert mine.sections == {**swin.sections, "train": {**swin.sections["train"], "epochs": 30}}
+    # a recipe of the shipped one's name extends the shipped one (it was a 'base cycle')
+    (tmp_path / "swin_tiny.yaml").write_text("base: swin_tiny\ndata: {root: /data/in1k}\n")
+    assert load_recipe(tmp_path / "swin_tiny.yaml").data.root == "/data/in1k"
+    with pytest.raises(ConfigError, match=r"base: base recipe 'swin_tiyn' does not exist \(looked for"):
+        load_recipe({"base": "swin_tiyn"})
 
 
 # ------------------------------------------------------------------------------------------ training

@@ -2,12 +2,10 @@
 
 A file is ``{description, base, reference, pretrained, model}``. ``base`` names another config
 (a stem in configs/models/, or a path relative to the file); the variant states only what
-differs. Mappings merge key by key, lists of equal length merge element by element (so a variant
-can change one stage), anything else replaces; ``null`` removes a key. A spec whose ``type``
-changes replaces the base spec instead of merging with it. A variant does not inherit the base's
-``description`` or reference figures (``params``, ``gmacs``, ``published``): they describe the
-base's architecture; ``reference.source`` and ``reference.layout`` (the checkpoint layout) carry
-over. A dict config may name a ``base`` too, found as from a file in the working directory.
+differs, merged as zoo.inherit describes (lists of stages merge stage by stage, so a variant can
+change one; ``null`` removes a key). A variant does not inherit the base's ``description`` or
+reference figures (``params``, ``gmacs``, ``published``): they describe the base's architecture;
+``reference.source`` and ``reference.layout`` (the checkpoint layout) carry over.
 
 Each spec is checked against its registered class's ``__init__`` signature (zoo.specs, see
 blocks/registry.py), so a new block type needs no edit here. A list given to a parameter whose
@@ -26,16 +24,16 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
+from typing import Callable, Dict, List, NoReturn, Optional, Tuple
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import get_act_layer
 
+from zoo import inherit
 from zoo.blocks import registry
 from zoo.blocks.layers import NCHW
 from zoo.errors import ConfigError
 from zoo.specs import validate_spec, with_defaults
-from zoo.yamlio import read_mapping
 
 TOP_KEYS = {"description", "base", "reference", "pretrained", "model"}
 MODEL_KEYS = {"in_chans", "num_classes", "img_size", "drop_rate", "drop_path_rate", "stem", "block",
@@ -59,8 +57,6 @@ MODEL_OVERRIDES = {
 # The head's pooling (timm's global_pool): '' keeps the map and runs the head at every position.
 # catavgmax doubles the pooled width, which a head with a norm cannot take.
 POOLS = ("avg", "max", "avgmax", "catavgmax", "")
-# A variant inherits its base's reference source and checkpoint layout, never its figures.
-NOT_INHERITED_REFERENCE = ("params", "gmacs", "published")
 
 
 def models_dir() -> Path:
@@ -77,85 +73,10 @@ def config_paths() -> Dict[str, Path]:
     return found
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading and merging
-
-
-def _find_base(name: Any, referrer: Path) -> Path:
-    if not isinstance(name, str) or not name:
-        raise ConfigError(referrer, "base", f"must be a config name or path, got {name!r}")
-    candidates = []
-    if name.endswith((".yaml", ".yml")):
-        candidates.append((referrer.parent / name).resolve())
-    else:
-        candidates.append(referrer.parent / f"{name}.yaml")
-        shipped = config_paths().get(name)
-        if shipped is not None:
-            candidates.append(shipped)
-    for c in candidates:
-        if c.is_file() and c.resolve() != referrer.resolve():  # my_dir/nat_tiny.yaml may say base: nat_tiny
-            return c
-    raise ConfigError(referrer, "base", f"base config {name!r} does not exist (looked for "
-                                        f"{', '.join(str(c) for c in candidates)})")
-
-
-def _merge(base: Any, over: Any, path: str, prov: Dict[str, Path], file: Path) -> Any:
-    """Merge ``over`` into ``base``; record in ``prov`` which file set each key path."""
-    if isinstance(base, dict) and isinstance(over, dict):
-        if "type" in over and "type" in base and over["type"] != base["type"]:
-            base = {}
-        out = dict(base)
-        for k, v in over.items():
-            sub = f"{path}.{k}" if path else str(k)
-            if v is None:
-                out.pop(k, None)
-                prov[sub] = file
-            elif k in out:
-                out[k] = _merge(out[k], v, sub, prov, file)
-            else:
-                out[k] = _record(copy.deepcopy(v), sub, prov, file)
-        return out
-    if isinstance(base, list) and isinstance(over, list) and len(base) == len(over) \
-            and all(isinstance(e, dict) for e in base + over):
-        return [_merge(b, o, f"{path}[{i}]", prov, file) for i, (b, o) in enumerate(zip(base, over))]
-    return _record(copy.deepcopy(over), path, prov, file)
-
-
-def _record(value: Any, path: str, prov: Dict[str, Path], file: Path) -> Any:
-    prov[path] = file
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _record(v, f"{path}.{k}" if path else str(k), prov, file)
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _record(v, f"{path}[{i}]", prov, file)
-    return value
-
-
-def _load_raw(path: Path, chain: Tuple[Path, ...], prov: Dict[str, Path]) -> dict:
-    path = path.resolve()
-    if path in chain:
-        cycle = " -> ".join(p.name for p in chain + (path,))
-        raise ConfigError(chain[-1], "base", f"base cycle: {cycle}")
-    return _with_base(read_mapping(path, "config"), path, chain, prov)
-
-
-def _with_base(data: dict, path: Path, chain: Tuple[Path, ...], prov: Dict[str, Path]) -> dict:
-    """``data`` (read from ``path``) merged over its base, if it names one."""
-    base_name = data.get("base")
-    if base_name is None:
-        return _record(copy.deepcopy(data), "", prov, path)
-    base_path = _find_base(base_name, path)
-    base = _load_raw(base_path, chain + (path,), prov)
-    base.pop("base", None)
-    # The description and the reference figures describe the base's architecture, not the variant's.
-    base.pop("description", None)
-    for key in NOT_INHERITED_REFERENCE:
-        (base.get("reference") or {}).pop(key, None)
-    own = {k: v for k, v in data.items() if k != "base"}
-    merged = _merge(base, own, "", prov, path)
-    merged["base"] = base_name
-    return merged
+# A variant inherits its base's architecture, reference source and checkpoint layout, but neither its
+# description nor its figures.
+MODEL_CONFIGS = inherit.Kind("config", config_paths, null_deletes=True,
+                             not_inherited=("description", "reference.params", "reference.gmacs", "reference.published"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,13 +136,9 @@ def _as_pair(v) -> Tuple[int, int]:
 
 def load_config(source, name: Optional[str] = None) -> ModelConfig:
     """Load and validate a model config from a path, a shipped name, or a dict."""
-    prov: Dict[str, Path] = {}
     if isinstance(source, dict):
         file = None
-        # A base named in a dict is found as from a file in the working directory.
-        pseudo = Path.cwd() / "<dict>"
-        raw = _with_base(copy.deepcopy(source), pseudo, (), prov)
-        prov.update({k: None for k, v in prov.items() if v == pseudo})  # the dict's own keys
+        raw, prov = MODEL_CONFIGS.load(source)
         name = name or "custom"
     else:
         p = Path(source)
@@ -233,7 +150,7 @@ def load_config(source, name: Optional[str] = None) -> ModelConfig:
         if not p.is_file():
             raise ConfigError(p, "", "config file does not exist")
         file = p.resolve()
-        raw = _load_raw(file, (), prov)
+        raw, prov = MODEL_CONFIGS.load(file)
         name = name or p.stem
     return _validate(raw, name, file, prov)
 
@@ -479,7 +396,7 @@ def _stage_downsample(s: int, sp: str, st: dict, m: dict, prev_dim: Optional[int
     ds_path = f"{sp}.downsample" if "downsample" in st else "model.downsample"
     if isinstance(ds_spec, dict) and isinstance(st.get("downsample"), dict) \
             and isinstance(m.get("downsample"), dict) and "type" not in st["downsample"]:
-        ds_spec = _merge(m["downsample"], st["downsample"], "", {}, Path("."))  # null drops a key
+        ds_spec = inherit.merge(m["downsample"], st["downsample"])  # null drops a key
     if ds_spec is None:
         return None, ds_path
     return validate_spec("downsample", ds_spec, ds_path, {"in_dim": prev_dim, "out_dim": dim}, where=where), ds_path
@@ -514,7 +431,7 @@ def _stage_blocks(default, own, sp) -> Tuple[Optional[List[dict]], str]:
     merged = []
     for db, ob in zip(d, o):
         if isinstance(db, dict) and isinstance(ob, dict):
-            merged.append(_merge(db, ob, "", {}, Path(".")))
+            merged.append(inherit.merge(db, ob))
         else:
             merged.append(ob)
     return merged, f"{sp}.block"

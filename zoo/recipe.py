@@ -2,8 +2,9 @@
 
 A recipe has sections (model, data, augment, train, optimizer, schedule, ema, runtime, output);
 each key has a type and a default, so a recipe states only what its paper sets. ``base:`` names
-another recipe (a stem in configs/train/ or a path relative to the file) and the recipe states
-what differs; mappings merge key by key. ``--set section.key=value`` overrides (the value is read
+another recipe (a stem in configs/train/ or a path relative to the file; a dict may name one too)
+and the recipe states what differs, merged as zoo.inherit describes; a ``null`` sets the key to
+null. ``--set section.key=value`` overrides (the value is read
 as YAML) are applied after the file and checked the same way. Every error is a ``ConfigError``
 naming the file (or ``--set``) and the key path.
 """
@@ -19,7 +20,7 @@ from typing import Any, Dict, Iterable, Optional
 
 import yaml
 
-from zoo import yamlio
+from zoo import inherit, yamlio
 from zoo.errors import ConfigError
 
 REQUIRED = object()
@@ -222,41 +223,9 @@ def list_recipes() -> Dict[str, Path]:
     return {p.stem: p for p in sorted(recipes_dir().glob("*.yaml"))}
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def _load_raw(path: Path, chain=()) -> tuple:
-    """(merged raw dict, {key path: file that set it})."""
-    path = path.resolve()
-    if path in chain:
-        raise ConfigError(path, "base", "base cycle: " + " -> ".join(p.name for p in chain + (path,)))
-    data = yamlio.read_mapping(path, "recipe")
-    prov = {}
-    own = {k: v for k, v in data.items() if k != "base"}
-    for sec, val in own.items():
-        prov[sec] = path
-        if isinstance(val, dict):
-            for k in val:
-                prov[f"{sec}.{k}"] = path
-    if "base" not in data:
-        return own, prov
-    name = data["base"]
-    if not isinstance(name, str) or not name:
-        raise ConfigError(path, "base", f"must be a recipe name or path, got {name!r}")
-    cand = path.parent / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
-    if not cand.is_file():
-        cand = list_recipes().get(name, cand)
-    if not Path(cand).is_file():
-        raise ConfigError(path, "base", f"base recipe {name!r} does not exist")
-    base, base_prov = _load_raw(Path(cand), chain + (path,))
-    return _merge(base, own), {**base_prov, **prov}
+# A null in a recipe is a value (no clipping, no AMP), so it overrides the base's rather than
+# bringing back the default.
+RECIPES = inherit.Kind("recipe", list_recipes, null_deletes=False)
 
 
 def parse_overrides(items: Iterable[str]) -> Dict[str, Any]:
@@ -276,7 +245,7 @@ def parse_overrides(items: Iterable[str]) -> Dict[str, Any]:
 def load_recipe(source, overrides: Optional[Dict[str, Any]] = None) -> Recipe:
     """Load and validate a recipe from a path, a shipped recipe name, or a dict."""
     if isinstance(source, dict):
-        raw, prov, file, name = copy.deepcopy(source), {}, None, "custom"
+        (raw, prov), file, name = RECIPES.load(source), None, "custom"
     else:
         p = Path(source)
         if not p.suffix and not p.exists():
@@ -287,7 +256,7 @@ def load_recipe(source, overrides: Optional[Dict[str, Any]] = None) -> Recipe:
         if not p.is_file():
             raise ConfigError(p, "", "recipe file does not exist")
         file = p.resolve()
-        raw, prov = _load_raw(file)
+        raw, prov = RECIPES.load(file)
         name = p.stem
     if isinstance(overrides, (list, tuple)):
         overrides = parse_overrides(overrides)
