@@ -169,7 +169,7 @@ def test_bad_config_names_file_and_key(tmp_path, kind, mutate, keypath, words):
 
 def test_missing_base(tmp_path):
     path = write(tmp_path, {"base": "no_such_net", "model": {}})
-    with pytest.raises(ConfigError, match=r"net\.yaml: base: base config 'no_such_net' does not exist"):
+    with pytest.raises(ConfigError, match=r"net\.yaml: base: base model config 'no_such_net' does not exist"):
         load_config(path)
 
 

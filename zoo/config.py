@@ -75,7 +75,7 @@ def config_paths() -> Dict[str, Path]:
 
 # A variant inherits its base's architecture, reference source and checkpoint layout, but neither its
 # description nor its figures.
-MODEL_CONFIGS = inherit.Kind("config", config_paths, null_deletes=True,
+MODEL_CONFIGS = inherit.Kind("model config", config_paths, null_deletes=True, prefix="zoo_",
                              not_inherited=("description", "reference.params", "reference.gmacs", "reference.published"))
 
 
@@ -136,23 +136,8 @@ def _as_pair(v) -> Tuple[int, int]:
 
 def load_config(source, name: Optional[str] = None) -> ModelConfig:
     """Load and validate a model config from a path, a shipped name, or a dict."""
-    if isinstance(source, dict):
-        file = None
-        raw, prov = MODEL_CONFIGS.load(source)
-        name = name or "custom"
-    else:
-        p = Path(source)
-        if not p.suffix and not p.exists():
-            found = config_paths().get(str(source).removeprefix("zoo_"))
-            if found is None:
-                raise ConfigError(source, "", f"no such model config; known: {sorted(config_paths())}")
-            p = found
-        if not p.is_file():
-            raise ConfigError(p, "", "config file does not exist")
-        file = p.resolve()
-        raw, prov = MODEL_CONFIGS.load(file)
-        name = name or p.stem
-    return _validate(raw, name, file, prov)
+    raw, prov, file, stem = MODEL_CONFIGS.read(source)
+    return _validate(raw, name or stem, file, prov)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -87,6 +87,23 @@ class Kind:
     shipped: Callable[[], Dict[str, Path]]
     null_deletes: bool
     not_inherited: Tuple[str, ...] = ()
+    prefix: str = ""  # a shipped file's name may carry it (zoo_swin_tiny: configs/models/swin_tiny.yaml)
+
+    def read(self, source: Union[str, Path, dict]) -> Tuple[dict, Provenance, Optional[Path], str]:
+        """A dict, a file, or a shipped file's name: its content merged over its bases, the
+        provenance, the file (None for a dict) and the name (the file's stem, ``custom`` for a dict)."""
+        if isinstance(source, dict):
+            return (*self.load(source), None, "custom")
+        p = Path(source)
+        if not p.suffix and not p.exists():
+            shipped = self.shipped()
+            found = shipped.get(str(source).removeprefix(self.prefix))
+            if found is None:
+                raise ConfigError(source, "", f"no such {self.name}; shipped: {sorted(shipped)}")
+            p = found
+        if not p.is_file():
+            raise ConfigError(p, "", f"{self.name} file does not exist")
+        return (*self.load(p.resolve()), p.resolve(), p.stem)
 
     def load(self, source: Union[Path, dict]) -> Tuple[dict, Provenance]:
         """A file (or a dict, whose base is found as from a file in the working directory) merged

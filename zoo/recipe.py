@@ -244,20 +244,7 @@ def parse_overrides(items: Iterable[str]) -> Dict[str, Any]:
 
 def load_recipe(source, overrides: Optional[Dict[str, Any]] = None) -> Recipe:
     """Load and validate a recipe from a path, a shipped recipe name, or a dict."""
-    if isinstance(source, dict):
-        (raw, prov), file, name = RECIPES.load(source), None, "custom"
-    else:
-        p = Path(source)
-        if not p.suffix and not p.exists():
-            found = list_recipes().get(str(source))
-            if found is None:
-                raise ConfigError(source, "", f"no such recipe; shipped: {sorted(list_recipes())}")
-            p = found
-        if not p.is_file():
-            raise ConfigError(p, "", "recipe file does not exist")
-        file = p.resolve()
-        raw, prov = RECIPES.load(file)
-        name = p.stem
+    raw, prov, file, name = RECIPES.read(source)
     if isinstance(overrides, (list, tuple)):
         overrides = parse_overrides(overrides)
     for key, value in (overrides or {}).items():
