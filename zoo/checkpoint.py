@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -56,3 +56,23 @@ def unwrap(obj, source="checkpoint") -> Dict[str, torch.Tensor]:
 def _is_tensor_dict(d: dict) -> bool:
     return bool(d) and all(isinstance(k, str) for k in d) and \
         sum(isinstance(v, torch.Tensor) for v in d.values()) >= max(1, len(d) // 2)
+
+
+def misfit(sd: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor], ignore: Callable[[str], bool] = lambda k: False,
+           fits: Optional[Callable[[str], bool]] = None) -> str:
+    """What keeps state dict ``sd`` from loading where ``expected`` (a state dict of the model) would:
+    missing and unexpected keys and tensors of another shape, a few of each by name ("" if it fits).
+    ``ignore`` leaves keys out (a head that may differ), ``fits`` relaxes the shape rule for some."""
+    fits = fits or (lambda k: tuple(sd[k].shape) == tuple(expected[k].shape))
+    missing = sorted(k for k in expected if k not in sd and not ignore(k))
+    unexpected = sorted(k for k in sd if k not in expected and not ignore(k))
+    wrong = sorted(k for k in sd if k in expected and not ignore(k) and not fits(k))
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[:4]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:4]})")
+    if wrong:
+        parts.append(f"{len(wrong)} of another shape (e.g. " + ", ".join(
+            f"{k}: {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong[:4]) + ")")
+    return "; ".join(parts)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import yaml
 
-from zoo.checkpoint import read_state_dict
+from zoo.checkpoint import misfit, read_state_dict
 from zoo.errors import CheckpointError
 
 FORMAT = "zoo-train-snapshot"
@@ -288,18 +288,7 @@ def read_train_state(snap: Path) -> dict:
 
 def load_into(model: torch.nn.Module, sd: Dict[str, torch.Tensor], source) -> None:
     """Strict load with an error that lists what does not fit."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if wrong:
-            parts.append(f"{len(wrong)} of another shape (e.g. {wrong[0]}: {tuple(sd[wrong[0]].shape)} vs "
-                         f"{tuple(own[wrong[0]].shape)})")
-        raise CheckpointError(f"{source}: weights do not fit this model: " + "; ".join(parts))
+    problem = misfit(sd, model.state_dict())
+    if problem:
+        raise CheckpointError(f"{source}: weights do not fit this model: {problem}")
     model.load_state_dict(sd)

@@ -16,7 +16,7 @@ from typing import Callable, Dict
 import torch
 from timm.layers import resize_rel_pos_bias_table
 
-from zoo.checkpoint import unwrap
+from zoo.checkpoint import misfit, unwrap
 from zoo.errors import CheckpointError
 
 CONVERTERS: Dict[str, Callable] = {}
@@ -88,19 +88,9 @@ def _check_fits(sd: dict, expected: dict, name: str, layout: str, first_conv: st
             return a[:1] + a[2:] == b[:1] + b[2:]
         return a == b
 
-    missing = sorted(k for k in expected if k not in sd and not k.startswith("head."))
-    unexpected = sorted(k for k in sd if k not in expected and not k.startswith("head."))
-    wrong = sorted(k for k in sd if k in expected and not k.startswith("head.") and not fits(k))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:4]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:4]})")
-        if wrong:
-            parts.append("shape mismatch: " + ", ".join(
-                f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong[:4]))
-        raise CheckpointError(f"checkpoint does not fit {name} (read as layout {layout!r}): " + "; ".join(parts))
+    problem = misfit(sd, expected, ignore=lambda k: k.startswith("head."), fits=fits)
+    if problem:
+        raise CheckpointError(f"checkpoint does not fit {name} (read as layout {layout!r}): {problem}")
 
 
 def rename(sd: dict, rules) -> dict:
