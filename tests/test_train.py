@@ -482,6 +482,25 @@ def test_sigterm_checkpoints_the_update_and_resume_continues_exactly(folder, tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_resumed_on_more_processes_gives_each_rank_its_own_random_stream(folder, tmp_path):
+    """A run saved by 1 process and continued under torchrun with 2: rank 0 continues the saved
+    stream; rank 1, which has none saved, draws its own drop-path masks and mixup lambdas (as a
+    fresh run's ranks do), not copies of rank 0's."""
+    from zoo.distributed import Dist
+    from zoo.training import _Run
+
+    train(tiny(folder, **{"train.max_steps": 1}), out_dir=tmp_path / "run")
+    saved = snapshot.read_train_state((tmp_path / "run/last").resolve())["rng"]
+    streams = []
+    for rank in (0, 1):  # resume() joins no process group: each rank's part can run here
+        run = _Run(tiny(folder, **{"train.max_steps": 2}), tmp_path / "run", Dist(rank=rank, world_size=2), False,
+                   [])
+        run.resume(tmp_path / "run")
+        streams.append(torch.get_rng_state())
+    assert len(saved) == 1 and torch.equal(streams[0], saved[0]["torch"])
+    assert not torch.equal(streams[1], streams[0])
+
+
 def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
     f = tmp_path / "x.bin"
     snapshot.atomic_write_bytes(f, b"good")

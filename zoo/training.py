@@ -235,8 +235,11 @@ class _Run:
         self.start_epoch, self.start_update = state["epoch"], state["update_in_epoch"]
         self.num_updates = state["num_updates"]
         self.best = {**self.best, **state.get("best", {})}
-        rng = state["rng"][dist.rank] if dist.rank < len(state["rng"]) else state["rng"][0]
-        snapshot.set_rng_state(rng)
+        saved_ranks = len(state["rng"])
+        if dist.rank < saved_ranks:
+            snapshot.set_rng_state(state["rng"][dist.rank])
+        else:  # saved by fewer processes: rank 0's stream would give this rank rank 0's drop-path
+            _seed_all(R.train.seed + dist.rank)  # masks and mixup lambdas; its own, as in a fresh run
         best_tag = snapshot.best_up_to(run_dir, snap, self.best["update"])
         if best_tag is None:  # not in this run directory (pruned, or another run's): the next
             self.best = dict(_NO_BEST)  # validation names a new one
@@ -246,6 +249,10 @@ class _Run:
             print(f"resumed from {snap} {where} ({self.num_updates} updates done)", file=sys.stderr)
             if changed:
                 print("with recipe changes: " + "; ".join(changed), file=sys.stderr)
+            if saved_ranks != dist.world_size:
+                print(f"the checkpoint holds the random state of {saved_ranks} process(es), this run has "
+                      f"{dist.world_size}: drop path and mixup draw other numbers than the saved run would have "
+                      f"(the data order is the same)", file=sys.stderr)
             newer = snapshot.continue_from(run_dir, snap, best_tag)
             if newer:
                 print(f"{run_dir}: checkpoints after the resumed one ({', '.join(newer)}) are from a "
