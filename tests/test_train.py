@@ -455,6 +455,11 @@ def test_crash_mid_save_keeps_last_good(folder, tmp_path, monkeypatch):
 
 
 def test_sigterm_checkpoints_the_update_and_resume_continues_exactly(folder, tmp_path, monkeypatch):
+    """SIGTERM to the whole process group, as torchrun and cluster schedulers send it, data loader
+    workers included: the run saves the update it is in. (torch's workers die of a SIGTERM not
+    from their parent, and the loader then failed with 'DataLoader worker is killed by signal',
+    saving nothing.)"""
+    import multiprocessing
     import signal
 
     import zoo.training as training
@@ -465,8 +470,9 @@ def test_sigterm_checkpoints_the_update_and_resume_continues_exactly(folder, tmp
 
         def loss(out, target):
             calls["n"] += 1
-            if calls["n"] == 3:
-                os.kill(os.getpid(), signal.SIGTERM)  # what a cluster sends before it kills the job
+            if calls["n"] == 3:  # what a cluster sends before it kills the job, from outside
+                pids = [os.getpid()] + [p.pid for p in multiprocessing.active_children()]
+                subprocess.run(["kill", "-TERM", *map(str, pids)], check=True)
             return base(out, target)
         return loss
 
@@ -474,7 +480,8 @@ def test_sigterm_checkpoints_the_update_and_resume_continues_exactly(folder, tmp
     handler = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(training, "_criterion", preempted_at_third_update)
     with pytest.raises(TrainingStopped, match=r"stopped by SIGTERM after update 3, which is saved: .*update-00000003"):
-        train(tiny(folder, **{"train.max_steps": 5}), out_dir=tmp_path / "b")
+        # a worker (the order does not depend on how many)
+        train(tiny(folder, **{"train.max_steps": 5, "data.workers": 1}), out_dir=tmp_path / "b")
     assert signal.getsignal(signal.SIGTERM) is handler  # the run's handler is gone with it
     monkeypatch.setattr(training, "_criterion", real)
     train(tiny(folder, **{"train.max_steps": 5}), out_dir=tmp_path / "b", resume="auto")

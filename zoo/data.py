@@ -182,7 +182,17 @@ def class_names(ds) -> List[str]:
 def loader(dataset: Dataset, batch_sampler: Sampler, workers: int = 0, pin_memory: bool = False) -> DataLoader:
     # Its own generator, so creating an iterator never draws from the global RNG (exact resume).
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin_memory,
-                      generator=torch.Generator().manual_seed(0), persistent_workers=False)
+                      generator=torch.Generator().manual_seed(0), persistent_workers=False,
+                      worker_init_fn=_ignore_sigterm)
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """torchrun and cluster schedulers send SIGTERM to the whole process group; the training
+    process turns it into a checkpoint at the end of the update, which needs its loader's workers
+    until then (torch's worker handler dies of a SIGTERM that is not its parent's). The loader still
+    stops them through its own channel, and they exit when the training process is gone."""
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def data_config(model, img_size=None, crop_pct=None, interpolation=None, mean=None, std=None) -> dict:
