@@ -627,12 +627,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _torchrun(folder, out, extra):
+def _torchrun(folder, out, extra, *args):
     """train.py in 2 gloo processes on the tiny folder; asserts that it succeeds."""
     sets = [f"--set={k}={'null' if v is None else v}" for k, v in {**tiny_sets(folder), **extra}.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", str(ROOT / "train.py"), str(ROOT / "configs/train/demo.yaml"),
-           "--output", str(out), "--no-progress", *sets]
+           "--output", str(out), "--no-progress", *sets, *args]
     res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -668,21 +668,29 @@ def test_two_processes_match_one(folder, tmp_path):
     assert first_loss(tmp_path / "two") == pytest.approx(first_loss(tmp_path / "one"), rel=1e-5)
 
 
-def test_two_processes_validate_the_batchnorm_statistics_they_save(folder, tmp_path):
+def test_two_processes_validate_the_batchnorm_statistics_they_save_and_resume_exactly(folder, tmp_path):
     """Under DDP each rank updates its BatchNorm statistics from its own half of the batch; at the
     epoch's end (runtime.dist_bn: reduce, timm's default) they are averaged, so both ranks validate
     the model (and EMA) the checkpoint holds: eval.py of that checkpoint in one process gives the
     validation the run logged. Without it the rank of the second shard validated other statistics
-    (its loss was off by 6e-3 here)."""
-    run = tmp_path / "run"
-    _torchrun(folder, run, {"model.name": ROOT / "tests/configs/tiny_maxvit.yaml", "train.epochs": 1,
-                            "ema.enabled": True, "ema.decay": 0.5})
+    (its loss was off by 6e-3 here). Stopped mid-epoch and resumed, the 2 processes continue
+    exactly: each rank's EMA follows its own statistics until that average, so every rank's is
+    saved (with rank 0's alone, the resumed EMA's running_var was off by 2e-2 after the epoch)."""
+    extra = {"model.name": ROOT / "tests/configs/tiny_maxvit.yaml", "train.epochs": 2, "ema.enabled": True,
+             "ema.decay": 0.5, "augment.mixup": 0.8, "augment.cutmix": 1.0}  # every rank's random stream too
+    run, resumed = tmp_path / "run", tmp_path / "resumed"
+    _torchrun(folder, run, {**extra, "train.max_steps": 7})  # 6 updates per epoch: validated at 6
+    _torchrun(folder, resumed, {**extra, "train.max_steps": 4})
+    _torchrun(folder, resumed, {**extra, "train.max_steps": 7}, "--resume")
     val = next(r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "val")
+    assert [r for r in read_jsonl(resumed / "metrics.jsonl") if r["kind"] == "val"] == [val]
     for ema, prefix in ((False, ""), (True, "ema_")):
-        m = evaluate_folder(str(ROOT / "tests/configs/tiny_maxvit.yaml"), folder, "val", checkpoint=run / "last",
+        m = evaluate_folder(str(ROOT / "tests/configs/tiny_maxvit.yaml"), folder, "val", checkpoint=run / "best",
                             ema=ema, progress=False, device="cpu")
         assert m["loss"] == pytest.approx(val[f"{prefix}loss"], rel=1e-5), prefix
         assert m["top1"] == val[f"{prefix}top1"]
+        a, b = (snapshot.read_weights((r / "last").resolve(), ema=ema) for r in (run, resumed))
+        assert all(torch.equal(a[k], b[k]) for k in a), prefix
 
 
 def test_sync_batchnorm_swaps_the_layers_for_gpu_processes_and_refuses_cpu_ones(folder, capsys):

@@ -220,6 +220,9 @@ class _Run:
                 # read_weights names the file if it is missing or truncated
                 snapshot.load_into(self.ema.module, snapshot.read_weights(snap, ema=True),
                                    snap / snapshot.EMA_WEIGHTS)
+                own = (state.get("ema_buffers") or [])[dist.rank:dist.rank + 1]
+                if own and own[0]:  # this rank's own statistics (see save)
+                    _load_buffers(self.ema.module, own[0])
             else:  # EMA switched on at resume: it starts from the resumed weights
                 self.ema = ModelEmaV3(self.model, decay=R.ema.decay, use_warmup=R.ema.warmup)
         # The schedule is not restored but rebuilt from this recipe (timm's schedules are functions
@@ -276,14 +279,17 @@ class _Run:
             self.train_model = torch.compile(self.train_model)
 
     def save(self, epoch: int, update_in_epoch: int, metrics: dict, is_best: bool = False) -> None:
-        """A checkpoint of this update (every rank's RNG state; written by rank 0), linked as ``last``
-        and, if ``is_best``, as ``best``."""
+        """A checkpoint of this update (every rank's RNG state and EMA buffers; written by rank 0),
+        linked as ``last`` and, if ``is_best``, as ``best``."""
         R, dist, ema = self.R, self.dist, self.ema
-        states = [snapshot.rng_state()]
+        # Under DDP each rank's EMA follows its own BatchNorm statistics until runtime.dist_bn meets
+        # them at the epoch's end: an exact resume needs every rank's, not rank 0's alone.
+        mine = (snapshot.rng_state(), _buffers(ema.module) if ema is not None and dist.enabled else None)
+        gathered = [mine]
         if dist.enabled:
             gathered = [None] * dist.world_size
-            torch.distributed.all_gather_object(gathered, states[0])
-            states = gathered
+            torch.distributed.all_gather_object(gathered, mine)
+        states, ema_buffers = [g[0] for g in gathered], [g[1] for g in gathered]
         if not dist.is_main:
             return
         meta = {"architecture": self.architecture, "model": R.sections["model"]["name"], "recipe": R.name,
@@ -298,6 +304,8 @@ class _Run:
                        "scaler": self.scaler.state_dict() if self.scaler is not None else None, "epoch": epoch,
                        "update_in_epoch": update_in_epoch, "num_updates": self.num_updates, "rng": states,
                        "best": self.best}
+        if any(b is not None for b in ema_buffers):
+            train_state["ema_buffers"] = ema_buffers
         snapshot.save(self.run_dir, snapshot.tag(self.num_updates), model_state=unwrap(self.model).state_dict(),
                       meta=meta, model_yaml_text=self.model_yaml,
                       ema_state=ema.module.state_dict() if ema is not None else None,
@@ -498,6 +506,17 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
+
+
+def _buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """A copy of the model's buffers (BatchNorm statistics), on the CPU."""
+    return {name: b.detach().cpu().clone() for name, b in model.named_buffers()}
+
+
+def _load_buffers(model: nn.Module, saved: Dict[str, torch.Tensor]) -> None:
+    for name, b in model.named_buffers():
+        if name in saved:
+            b.copy_(saved[name])
 
 
 def _unused_parameters(model: nn.Module, input_size, device: torch.device) -> list:
