@@ -21,7 +21,7 @@ from zoo.yamlio import read_mapping
 Provenance = Dict[str, Optional[Path]]  # key path -> the file that set it (None: a dict's own keys)
 
 
-def find_base(name: Any, referrer: Path, shipped: Dict[str, Path], kind: str) -> Path:
+def _find_base(name: Any, referrer: Path, shipped: Dict[str, Path], kind: str) -> Path:
     """The file ``base: name`` in ``referrer`` means (never ``referrer`` itself, so my_dir/nat_tiny.yaml
     may say ``base: nat_tiny`` to extend the shipped one)."""
     if not isinstance(name, str) or not name:
@@ -90,10 +90,15 @@ class Kind:
     prefix: str = ""  # a shipped file's name may carry it (zoo_swin_tiny: configs/models/swin_tiny.yaml)
 
     def read(self, source: Union[str, Path, dict]) -> Tuple[dict, Provenance, Optional[Path], str]:
-        """A dict, a file, or a shipped file's name: its content merged over its bases, the
-        provenance, the file (None for a dict) and the name (the file's stem, ``custom`` for a dict)."""
+        """A dict (whose base is found as from a file in the working directory), a file, or a shipped
+        file's name: its content merged over its chain of bases, the provenance of every key path,
+        the file (None for a dict) and the name (the file's stem, ``custom`` for a dict)."""
+        prov: Provenance = {}
         if isinstance(source, dict):
-            return (*self.load(source), None, "custom")
+            pseudo = Path.cwd() / "<dict>"
+            raw = self._with_base(copy.deepcopy(source), pseudo, (), prov)
+            prov.update({k: None for k, v in prov.items() if v == pseudo})
+            return raw, prov, None, "custom"
         p = Path(source)
         if not p.suffix and not p.exists():
             shipped = self.shipped()
@@ -103,18 +108,8 @@ class Kind:
             p = found
         if not p.is_file():
             raise ConfigError(p, "", f"{self.name} file does not exist")
-        return (*self.load(p.resolve()), p.resolve(), p.stem)
-
-    def load(self, source: Union[Path, dict]) -> Tuple[dict, Provenance]:
-        """A file (or a dict, whose base is found as from a file in the working directory) merged
-        over its chain of bases, and the provenance of every key path."""
-        prov: Provenance = {}
-        if isinstance(source, dict):
-            pseudo = Path.cwd() / "<dict>"
-            raw = self._with_base(copy.deepcopy(source), pseudo, (), prov)
-            prov.update({k: None for k, v in prov.items() if v == pseudo})
-            return raw, prov
-        return self._load(Path(source), (), prov), prov
+        file = p.resolve()
+        return self._load(file, (), prov), prov, file, p.stem
 
     def _load(self, path: Path, chain: Tuple[Path, ...], prov: Provenance) -> dict:
         path = path.resolve()
@@ -126,7 +121,7 @@ class Kind:
         base_name = data.get("base")
         if base_name is None:
             return _record(copy.deepcopy(data), "", prov, path)
-        base = self._load(find_base(base_name, path, self.shipped(), self.name), chain + (path,), prov)
+        base = self._load(_find_base(base_name, path, self.shipped(), self.name), chain + (path,), prov)
         base.pop("base", None)
         for keypath in self.not_inherited:
             *parents, last = keypath.split(".")
