@@ -220,9 +220,9 @@ class _Run:
                 # read_weights names the file if it is missing or truncated
                 snapshot.load_into(self.ema.module, snapshot.read_weights(snap, ema=True),
                                    snap / snapshot.EMA_WEIGHTS)
-                own = (state.get("ema_buffers") or [])[dist.rank:dist.rank + 1]
-                if own and own[0]:  # this rank's own statistics (see save)
-                    _load_buffers(self.ema.module, own[0])
+                ranks = state.get("ema_buffers") or []
+                if dist.rank < len(ranks) and ranks[dist.rank]:  # this rank's own statistics (see save)
+                    _load_buffers(self.ema.module, ranks[dist.rank])
             else:  # EMA switched on at resume: it starts from the resumed weights
                 self.ema = ModelEmaV3(self.model, decay=R.ema.decay, use_warmup=R.ema.warmup)
         # The schedule is not restored but rebuilt from this recipe (timm's schedules are functions
@@ -509,8 +509,10 @@ def _seed_all(seed: int) -> None:
 
 
 def _buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """A copy of the model's buffers (BatchNorm statistics), on the CPU."""
-    return {name: b.detach().cpu().clone() for name, b in model.named_buffers()}
+    """A CPU copy of the model's BatchNorm running statistics: the buffers that differ between
+    ranks (timm's ``distribute_bn`` picks them by the same names); the others are constants."""
+    return {name: b.detach().cpu().clone() for name, b in model.named_buffers()
+            if name.endswith(("running_mean", "running_var"))}
 
 
 def _load_buffers(model: nn.Module, saved: Dict[str, torch.Tensor]) -> None:
