@@ -11,7 +11,9 @@ Everything is decided per axis. For an axis of length ``L`` the helpers below bu
 real key, and which entry of the relative-bias table the slot reads. The 2-D neighborhood is the
 outer product of the two axes' tables. The fused Triton kernel is meant to compute the same
 tables on the fly from the same formulas (``_sliding_window_start`` and
-``_partition_window_start``), so this file is the definition it is tested against.
+``_partition_window_start``), so this file is the definition it is tested against. Its gather of
+each query's keys is that definition; whole windows (kernels/blocked.py) and query tiles
+(kernels/tiled.py) compute the same attention faster and are tested against it.
 
 Coordinates. With dilation ``d``, token ``p`` belongs to dilation group ``g = p % d`` and sits at
 ``i = p // d`` inside it; a group holds ``n_g = ceil((L - g) / d)`` tokens. Windows, strides,
@@ -38,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .blocked import axis_plan, blocked_na2d
+from .tiled import axis_tiles, tiled_na2d
 
 __all__ = ["na2d", "AxisWindow", "axis_window", "axis_window_ids", "axis_window_count",
            "check_axis_args"]
@@ -302,6 +305,13 @@ def check_args(query, key, value, kernel_size, stride, dilation, window_offset, 
     return kernel_size, stride, dilation, offset
 
 
+def use_tiles(query: Tensor, per_window: bool) -> bool:
+    """Whether the windows go by query tiles (kernels/tiled.py) rather than by the gather of each
+    query's keys: everywhere but the meta device, which keeps the gather so that
+    ``FlopCounterMode`` counts the op's own matmuls, and per-window extra tokens."""
+    return not per_window and query.device.type != "meta"
+
+
 def na2d_checked(query: Tensor, key: Tensor, value: Tensor, kernel_size: Tuple, stride: Tuple,
                  dilation: Tuple, offset: Tuple, *, rpb: Optional[Tensor],
                  additional_keys: Optional[Tensor], additional_values: Optional[Tensor],
@@ -324,8 +334,13 @@ def na2d_checked(query: Tensor, key: Tensor, value: Tensor, kernel_size: Tuple, 
 
     rows = axis_window(height, kernel_size[0], stride[0], dilation[0], offset[0], query.device)
     cols = axis_window(width, kernel_size[1], stride[1], dilation[1], offset[1], query.device)
+    if use_tiles(query, per_window):
+        tiles = [axis_tiles(window, length, k, s, d, o) for window, length, k, s, d, o
+                 in zip((rows, cols), (height, width), kernel_size, stride, dilation, offset)]
+        return tiled_na2d(query, key, value, *tiles, rpb=rpb, additional_keys=additional_keys,
+                          additional_values=additional_values, scale=scale)
+    # The definition the fast paths are tested against: every query's own keys, gathered.
     num_keys = kernel_size[0] * kernel_size[1]
-
     keys = _gather_windows(key, rows, cols)
     values = _gather_windows(value, rows, cols)
     # Softmax statistics in at least fp32 whatever the input dtype (fp16 logits overflow, and

@@ -539,6 +539,7 @@ def test_blocked_path_equals_general_path(case, monkeypatch):
     calls = []
     real_plan = nb.axis_plan
     monkeypatch.setattr(nb, "axis_plan", lambda *a: calls.append(real_plan(*a)) or None)
+    monkeypatch.setattr(nb, "use_tiles", lambda *a: False)
     general, general_grads = run()
     assert calls and all(calls), "the case should qualify for the blocked path"
     torch.testing.assert_close(fast, general, atol=1e-10, rtol=0)
@@ -558,3 +559,57 @@ def test_fp16_products_above_its_range_do_not_overflow(stride, extra):
     want = na2d(q, q, v, 4, stride, **kw)
     got = na2d(q.half(), q.half(), v.half(), 4, stride, **{k: t.half() for k, t in kw.items()})
     torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=2e-3)
+
+
+def _random_tiled_case(rng):
+    """Per-axis arguments of any rule, on small maps, with and without bias and global tokens."""
+    case = {"kernel_size": [], "stride": [], "dilation": [], "window_offset": [], "hw": []}
+    for _ in range(2):
+        length = rng.randint(1, 17)
+        dilation = rng.choice([d for d in (1, 1, 2, 3) if d <= length])
+        kernel = rng.randint(1, max(1, min(7, length // dilation)))
+        offset = rng.choice([None, None, rng.randrange(kernel)])
+        stride = kernel if offset is not None else rng.randint(1, kernel)
+        for name, val in zip(case, (kernel, stride, dilation, offset, length)):
+            case[name].append(val)
+    case = {k: tuple(v) for k, v in case.items()}
+    return case, rng.random() < 0.7, rng.choice([0, 0, 3])
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_tiled_path_equals_gather_path(seed, monkeypatch):
+    """Sliding windows, strides, dilations and clipped offset grids go by query tiles against
+    key regions (kernels/tiled.py); outputs and gradients (q, k, v, bias table, global tokens)
+    must equal those of the gather of each query's own keys, in float64."""
+    import zoo.kernels.neighborhood as nb
+
+    rng = random.Random(seed)
+    case, with_rpb, n_extra = _random_tiled_case(rng)
+    (h, w), heads, d = case.pop("hw"), 2, 4
+    gen = torch.Generator().manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=gen, requires_grad=True)
+    q, k, v = (make(2, h, w, heads, d) for _ in range(3))
+    kh, kw = case["kernel_size"]
+    inputs, extra = [q, k, v], {}
+    if with_rpb:
+        extra["rpb"] = make(heads, 2 * kh - 1, 2 * kw - 1)
+    if n_extra:
+        extra.update(additional_keys=make(2, n_extra, heads, d), additional_values=make(2, n_extra, heads, d))
+    inputs += list(extra.values())
+    monkeypatch.setattr(nb, "axis_plan", lambda *a: None)  # not the whole-window reshape
+
+    def run():
+        out = nb.na2d(q, k, v, **case, **extra)
+        weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+        return out, torch.autograd.grad((out * weight).sum(), inputs)
+
+    calls = []
+    real_tiles = nb.axis_tiles
+    monkeypatch.setattr(nb, "axis_tiles", lambda *a: calls.append(1) or real_tiles(*a))
+    tiled, tiled_grads = run()
+    assert calls, "the case should take the tiled path"
+    monkeypatch.setattr(nb, "use_tiles", lambda *a: False)
+    gathered, gathered_grads = run()
+    torch.testing.assert_close(tiled, gathered, atol=1e-10, rtol=0, msg=lambda m: f"{case}: {m}")
+    for name, a, b in zip(["q", "k", "v"] + list(extra), tiled_grads, gathered_grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=lambda m: f"{case} grad {name}: {m}")

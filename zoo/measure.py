@@ -35,6 +35,9 @@ def extra_flop_formulas() -> dict:
 
 
 def count_gmacs(model: torch.nn.Module, img_size=(224, 224), in_chans: int = 3) -> float:
+    """GMACs of one image, counted where the model lies. On the meta device (as ``measure``
+    builds it) ``na2d`` counts its windows' own products; on real tensors, the products of the
+    sliding-window tiles it runs, which are more (kernels/tiled.py)."""
     device = next(model.parameters()).device
     x = torch.zeros(1, in_chans, *img_size, device=device)
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=extra_flop_formulas()) as counter:
