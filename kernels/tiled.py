@@ -36,7 +36,8 @@ class AxisTiles(NamedTuple):
 
 def tile_size(kernel: int, stride: int) -> int:
     """Queries per tile along an axis: a whole number of stride tiles, about a kernel's width
-    (measured on a CPU: 7 and 8 equal, 14 twice as slow, for kernel 7)."""
+    (NAT-Tiny's forward on a 2-core CPU took 0.90-0.96 s a batch of 8 with tiles of 4 to 8 and
+    1.38 s with tiles of 3)."""
     return stride * max(1, round(kernel / stride))
 
 
