@@ -144,6 +144,7 @@ def test_recipe_takes_the_names_eval_and_bench_take(tmp_path):
     (OK + "\naugment: {auto_augment: augmix-z3}", "augment.auto_augment", "timm does not take it (Unknown AugMix"),
     (OK + "\naugment: {auto_augment: trivial}", "augment.auto_augment", "timm does not take it"),
     (OK + "\nruntime: {device: gpu}", "runtime.device", "must be auto, cpu, cuda"),
+    (OK + "\nruntime: {dist_timeout: 0}", "runtime.dist_timeout", "must be positive (minutes) or null"),
     ("model: {name: zoo_nat_tiny}\ntrain: {epochs: 1, batch_size: 8, accum_steps: 3}", "train.accum_steps",
      "divide"),
     ("model: {name: zoo_nat_tiny}\noptimiser: {lr: 1}\ntrain: {epochs: 1, batch_size: 8}", "optimiser",
@@ -627,16 +628,51 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _torchrun(folder, out, extra, *args):
-    """train.py in 2 gloo processes on the tiny folder; asserts that it succeeds."""
+def _torchrun(folder, out, extra, *args, wrapper=None):
+    """train.py in 2 gloo processes on the tiny folder (run by ``wrapper``, a script given train.py's
+    path and arguments, if one is given; else asserts that it succeeds)."""
     sets = [f"--set={k}={'null' if v is None else v}" for k, v in {**tiny_sets(folder), **extra}.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(ROOT / "train.py"), str(ROOT / "configs/train/demo.yaml"),
-           "--output", str(out), "--no-progress", *sets, *args]
+           f"--master_port={_free_port()}", *([str(wrapper)] if wrapper else []), str(ROOT / "train.py"),
+           str(ROOT / "configs/train/demo.yaml"), "--output", str(out), "--no-progress", *sets, *args]
     res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                          timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert wrapper or res.returncode == 0, res.stderr[-3000:]
     return res
+
+
+HANG_AT_SECOND_UPDATE = """import os, runpy, signal, sys, time
+from zoo import training
+real, calls = training._criterion, []
+def criterion(*a):
+    loss = real(*a)
+    def hang(*x):
+        calls.append(1)
+        if len(calls) == 2 and os.environ["RANK"] == "1":
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # hung, but torchrun's SIGTERM ends it
+            time.sleep(600)
+        return loss(*x)
+    return hang
+training._criterion = criterion
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_hung_process_stops_the_run_after_runtime_dist_timeout(folder, tmp_path):
+    """Rank 1 stops answering at its second update: rank 0 waits runtime.dist_timeout (6 s here, not
+    gloo's 30 min), then stops with one line naming the wait and the last good checkpoint."""
+    wrapper = tmp_path / "hang.py"
+    wrapper.write_text(HANG_AT_SECOND_UPDATE)
+    res = _torchrun(folder, tmp_path / "run", {"runtime.dist_timeout": 0.1, "train.save_every_steps": 1},
+                    wrapper=wrapper)
+    assert res.returncode != 0
+    line = [x for x in res.stderr.splitlines() if x.startswith("error")]
+    assert len(line) == 1 and "[rank0]" not in res.stderr, res.stderr[-3000:]
+    assert line[0].startswith("error: another process died, or did not answer within 0.1 min "
+                              "(runtime.dist_timeout): ") and "Timed out" in line[0], line
+    assert line[0].endswith(f"Last good checkpoint: {(tmp_path / 'run/checkpoints/update-00000001').resolve()} "
+                            f"(continue with --resume)"), line
 
 
 def test_two_processes_train_a_model_with_parameters_unused_at_this_size(folder, tmp_path):

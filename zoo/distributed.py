@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -41,8 +43,9 @@ def pick_device(name: str = "auto", local_rank: int = 0, source=("--device", "")
         raise ConfigError(*source, f"is {name!r}, not a device torch knows (auto, cpu, cuda, cuda:N, ...)") from None
 
 
-def setup(device: str = "auto", source=("--device", "")) -> Dist:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1), else a single process."""
+def setup(device: str = "auto", source=("--device", ""), timeout_min: Optional[float] = None) -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1), else a single process.
+    ``timeout_min``: how long a collective waits for the other processes (None: torch's default)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -52,8 +55,17 @@ def setup(device: str = "auto", source=("--device", "")) -> Dist:
             torch.cuda.set_device(dev)
         # NCCL for CUDA tensors and gloo beside it for the CPU ones (the per-update loss and stop
         # flags, evaluation's counts, RNG states)
-        dist.init_process_group(backend="cuda:nccl,cpu:gloo" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(backend="cuda:nccl,cpu:gloo" if dev.type == "cuda" else "gloo",
+                                timeout=None if timeout_min is None else timedelta(minutes=timeout_min))
     return Dist(rank, world, local, dev)
+
+
+def peer_failure(e: BaseException, d: Dist) -> bool:
+    """Whether ``e`` says that another process died or stopped answering (a collective's error:
+    gloo raises a plain RuntimeError naming itself, NCCL a DistError)."""
+    if not d.enabled or not isinstance(e, RuntimeError):
+        return False
+    return isinstance(e, getattr(dist, "DistError", ())) or any(w in str(e) for w in ("gloo", "NCCL"))
 
 
 def cleanup(d: Dist) -> None:

@@ -156,6 +156,9 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
         # under torchrun, BatchNorm running statistics made equal on all ranks at each epoch's end (timm's --dist-bn)
         "dist_bn": ((str, OPT), "reduce", lambda v: v in (None, "reduce", "broadcast"),
                     "must be reduce (the mean over processes), broadcast (rank 0's) or null"),
+        # under torchrun: minutes a process waits for the others in a collective before the run
+        # stops with an error (null: torch's default, 10 for NCCL and 30 for gloo)
+        "dist_timeout": ((NUM, OPT), None, lambda v: v is None or v > 0, "must be positive (minutes) or null"),
         "deterministic": (bool, False, None, ""),
         "threads": ((int, OPT), None, lambda v: v is None or v > 0, "must be positive"),
     },

@@ -42,7 +42,8 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
         raise ConfigError("--output", str(run_dir), "holds the checkpoints of an earlier run, which this run "
                                                     "would prune: pass --resume to continue that run, or another "
                                                     "--output")
-    dist = zdist.setup(recipe.runtime.device, source=(recipe.file, "runtime.device"))
+    dist = zdist.setup(recipe.runtime.device, source=(recipe.file, "runtime.device"),
+                       timeout_min=recipe.runtime.dist_timeout)
     # SIGTERM (a cluster's preemption notice) asks for a checkpoint at the end of the current
     # update; Ctrl-C stops at once and keeps the last checkpoint.
     terminate = []
@@ -60,6 +61,13 @@ def train(recipe: Recipe, out_dir=None, resume=None, progress: Optional[bool] = 
     except (KeyboardInterrupt, OSError) as e:  # Ctrl-C, a full disk: what survives is the last checkpoint
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
         raise TrainingStopped(f"{what}. Last good checkpoint: {_last_good(run_dir)} (continue with --resume)") from e
+    except RuntimeError as e:  # under torchrun: said in one line, not as a traceback from deep in DDP
+        if isinstance(e, TrainingStopped) or not zdist.peer_failure(e, dist):
+            raise
+        wait = f"{recipe.runtime.dist_timeout:g} min (runtime.dist_timeout)" if recipe.runtime.dist_timeout \
+            else "torch's default timeout (runtime.dist_timeout)"
+        raise TrainingStopped(f"another process died, or did not answer within {wait}: {e}. Last good "
+                              f"checkpoint: {_last_good(run_dir)} (continue with --resume)") from e
     finally:
         restore()
         zdist.cleanup(dist)
