@@ -1,11 +1,12 @@
 """CSWin Transformer: sizes, any input size, feature strides, and equal outputs to the authors' code.
 
 The golden fixture tests/fixtures/cswin_tiny_golden.json was produced once, outside the repository,
-by the authors' code (microsoft/CSWin-Transformer at commit f111ae2, run on a CPU in fp32):
+by the authors' code (microsoft/CSWin-Transformer at commit f111ae2, run on a CPU in fp32), with the
+weights and inputs of tests/golden.py:
 
 * ``keys``: the ordered (name, shape) list of ``CSWin_64_12211_tiny_224().state_dict()``
   (models/cswin.py), i.e. the key names of their released checkpoints.
-* Their model loaded the state dict that ``golden_state_dict(keys)`` below builds (every tensor
+* Their model loaded the state dict that ``golden_state_dict(keys)`` builds (every tensor
   seeded by its index in that list, so no file of weights needs to be kept).
 * ``logits_224``: their classification model's logits for ``golden_input((1, 3, 224, 224))``.
 * ``logits_131x150``: their segmentation backbone (segmentation/backbone/cswin_transformer.py,
@@ -27,35 +28,10 @@ import timm
 import torch
 
 import zoo  # noqa: F401  (registers the zoo_ models with timm)
+from golden import golden_input, golden_state_dict  # tests/ is on sys.path
 from zoo.config import load_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "cswin_tiny_golden.json"
-
-
-def golden_state_dict(keys):
-    """Deterministic weights for the authors' key list: tensor ``i`` is drawn after
-    ``torch.manual_seed(i)``. Weights of two or more dims ~ N(0, 1/fan_in) so attention is far
-    from uniform; 1-D ``.weight`` (the LayerNorms) 1 + N(0, 0.1^2); biases N(0, 0.02^2)."""
-    sd = {}
-    for i, (name, shape) in enumerate(keys):
-        torch.manual_seed(i)
-        v = torch.randn(shape, dtype=torch.float32)
-        if name.endswith(".weight") and len(shape) >= 2:
-            fan_in = 1
-            for n in shape[1:]:
-                fan_in *= n
-            v = v / fan_in ** 0.5
-        elif name.endswith(".weight"):
-            v = 1 + 0.1 * v
-        else:
-            v = 0.02 * v
-        sd[name] = v
-    return sd
-
-
-def golden_input(shape):
-    g = torch.Generator().manual_seed(1234)
-    return torch.randn(shape, generator=g, dtype=torch.float32)
 
 
 def test_features_only_strides():
