@@ -5,9 +5,10 @@ on PYTHONPATH, NATTEN first (the zoo's own tests use NATTEN 0.21 in their proces
 built by name and loads ``golden_state_dict`` of its own key list (strict); its logits for
 ``golden_input`` at SIZES are either compared with the zoo model that loads the same weights the
 way a user loads their checkpoint (one JSON line per model and size), or, with ``--write``,
-stored as the golden fixture that ``test_nat_golden_logits`` checks without their code.
+stored as the golden fixture that ``test_nat_golden_logits`` checks without their code. ``--ops``
+also compares the attention op itself with NATTEN 0.14's over kernel sizes and dilations.
 
-    PYTHONPATH=natten-0.14:classification python tests/nat_authors_logits.py nat_mini dinat_tiny
+    PYTHONPATH=natten-0.14:classification python tests/nat_authors_logits.py --ops 100 nat_mini dinat_tiny
     PYTHONPATH=... python tests/nat_authors_logits.py --write tests/fixtures/nat_golden.json dinat_mini nat_small
 """
 import argparse
@@ -56,11 +57,44 @@ def logits(model, flip_bias=False):
     return out
 
 
+def compare_ops(cases):
+    """The zoo's reference na2d (tiled and gather paths) against NATTEN 0.14's rpb op, the one the
+    authors' module calls, on ``cases`` random cases (kernel 3 to 13, dilation 1 to 4, maps up to 9
+    wider than kernel x dilation) in float64: the largest difference over the output and the
+    gradients of q, k, v and the bias table."""
+    import random
+    from natten.functional import natten2dav, natten2dqkrpb
+    from zoo.kernels import na2d, neighborhood
+    rng, worst, use_tiles = random.Random(0), 0.0, neighborhood.use_tiles
+    for case in range(cases):
+        ks, dil = rng.choice([3, 5, 7, 9, 11, 13]), rng.randint(1, 4)
+        h, w = rng.randint(ks * dil, ks * dil + 9), rng.randint(ks * dil, ks * dil + 9)
+        g = torch.Generator().manual_seed(case)
+        shape = (rng.randint(1, 2), rng.randint(1, 3), h, w, rng.choice([4, 8, 16]))  # their (B, heads, H, W, D)
+        q, k, v = (torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        rpb = torch.randn(shape[1], 2 * ks - 1, 2 * ks - 1, generator=g, dtype=torch.float64, requires_grad=True)
+        ref = natten2dav(natten2dqkrpb(q * shape[-1] ** -0.5, k, rpb, ks, dil).softmax(-1), v, ks, dil)
+        grad = torch.randn_like(ref)
+        want = [ref, *torch.autograd.grad(ref, (q, k, v, rpb), grad)]
+        for tiles in (True, False):
+            neighborhood.use_tiles = lambda *a, tiles=tiles: tiles
+            try:
+                out = na2d(*(t.permute(0, 2, 3, 1, 4) for t in (q, k, v)), ks, 1, dil, rpb=rpb).permute(0, 3, 1, 2, 4)
+                got = [out, *torch.autograd.grad(out, (q, k, v, rpb), grad)]
+            finally:
+                neighborhood.use_tiles = use_tiles
+            worst = max([worst] + [(a - b).abs().max().item() for a, b in zip(want, got)])
+    return worst
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="+", help="nat_mini ... dinat_large")
     p.add_argument("--write", type=Path, help="write the golden fixture here instead of comparing")
+    p.add_argument("--ops", type=int, default=0, metavar="N", help="also compare the attention op on N random cases")
     a = p.parse_args(argv)
+    if a.ops:
+        print(json.dumps({"ops": a.ops, "diff": compare_ops(a.ops)}), flush=True)
     fixture = {"source": "SHI-Labs/Neighborhood-Attention-Transformer classification/nat.py, dinat.py on "
                          "NATTEN 0.14.6 (CPU build), fp32; written by tests/nat_authors_logits.py --write",
                "models": {}}

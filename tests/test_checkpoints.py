@@ -160,12 +160,14 @@ NAT_VARIANTS = ["nat_mini", "nat_tiny", "nat_small", "nat_base", "dinat_mini", "
 @pytest.mark.skipif(not os.environ.get("ZOO_NAT_AUTHORS"), reason="the authors' NAT code needs NATTEN 0.14.x: set "
                     "ZOO_NAT_AUTHORS to a PYTHONPATH holding it and their classification/ folder (README, Tests)")
 def test_nat_equals_the_authors_code():
-    """All 9 NAT/DiNAT variants of the authors' code, live, against the zoo (see nat_authors_logits.py)."""
+    """All 9 NAT/DiNAT variants of the authors' code, live, against the zoo, and the attention op
+    against NATTEN 0.14's on 100 random cases (see nat_authors_logits.py)."""
     env = {**os.environ, "PYTHONPATH": os.environ["ZOO_NAT_AUTHORS"]}
-    res = subprocess.run([sys.executable, str(Path(__file__).with_name("nat_authors_logits.py")), *NAT_VARIANTS],
-                         env=env, capture_output=True, text=True, timeout=1200)
+    res = subprocess.run([sys.executable, str(Path(__file__).with_name("nat_authors_logits.py")), "--ops", "100",
+                          *NAT_VARIANTS], env=env, capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(x) for x in res.stdout.splitlines()]
+    ops, *rows = [json.loads(x) for x in res.stdout.splitlines()]
+    assert ops["ops"] == 100 and ops["diff"] < 1e-10, ops
     assert sorted({r["model"] for r in rows}) == sorted(NAT_VARIANTS) and len(rows) == 3 * len(NAT_VARIANTS)
     for r in rows:
         assert r["params"][0] == r["params"][1], r
