@@ -56,6 +56,44 @@ def test_swin_equals_timm(tmp_path, variant):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
+def _fastervit(i):
+    fv = pytest.importorskip("fastervit.models.faster_vit", reason="the authors' `fastervit` package is not installed")
+    return getattr(fv, f"faster_vit_{i}_224")()
+
+
+# The variants that the family tests do not build (they take T, XXT/T and 0 apart, with more detail).
+INSTALLED_REFERENCES = {**{f"maxvit_{v}": lambda v=v: timm.create_model(f"maxvit_{v}_tf_224") for v in ("small", "base")},
+                        **{f"gcvit_{v}": lambda v=v: timm.create_model(f"gcvit_{v}") for v in ("xtiny", "small", "base")},
+                        **{f"fastervit_{i}": lambda i=i: _fastervit(i) for i in range(1, 5)}}
+
+
+@pytest.mark.parametrize("name", sorted(INSTALLED_REFERENCES))
+def test_every_variant_equals_its_installed_reference(tmp_path, name):
+    """Its reference with random bias tables, norms and BatchNorm statistics, loaded through the
+    converter: equal logits in float64. Float32 would not do: MaxViT-B's activations of ~2e3 turn
+    rounding into 8e-4, while GELU for MaxViT's tanh GELU, which no parameter count sees, moves the
+    logits by 2e-4."""
+    torch.manual_seed(0)
+    ref = INSTALLED_REFERENCES[name]().eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) if "bias_table" in n else
+                    p + 0.1 * torch.randn(p.shape, generator=g) if p.dim() == 1 or "gamma" in n else p)
+        for m in ref.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1, generator=g)
+                m.running_var.uniform_(1, 1.2, generator=g)
+    path = _save(ref.state_dict(), tmp_path / f"{name}.pth")
+    x = torch.randn(1, 3, 224, 224, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        want = ref.double()(x)
+        del ref  # FasterViT-4 is 366M parameters: one model at a time in float64
+        got = _load(f"zoo_{name}", path).double()(x)
+    assert want.abs().max() > 0.5
+    torch.testing.assert_close(got, want, atol=1e-8, rtol=0)
+
+
 def test_swin_original_microsoft_layout(tmp_path):
     """Microsoft's checkpoints put the downsampler at the end of a stage and name the head `head`."""
     ref = _timm_swin("tiny")
