@@ -300,6 +300,7 @@ def test_resuming_an_older_checkpoint_relinks_last_and_best(folder, tmp_path, ca
     err = capsys.readouterr().err
     assert "resumed from" in err and "at the end of epoch 1 (6 updates done)" in err
     assert "(update-00000012, update-00000018) are from a continuation this run replaces" in err
+    assert f"To continue from the newest instead: --resume {tmp_path / 'run/checkpoints/update-00000018'}" in err
     # nothing of the replaced continuation is deleted before the new run has passed it
     assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == [
         "update-00000006", "update-00000009", "update-00000012", "update-00000018"]

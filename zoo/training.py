@@ -266,9 +266,11 @@ class _Run:
                       f"(the data order is the same)", file=sys.stderr)
             newer = snapshot.continue_from(run_dir, snap, best_tag)
             if newer:
+                # (or a run killed between writing its checkpoint and linking it as 'last')
                 print(f"{run_dir}: checkpoints after the resumed one ({', '.join(newer)}) are from a "
                       f"continuation this run replaces: 'last' and 'best' no longer point to them; each is "
-                      f"kept until this run has passed its update", file=sys.stderr)
+                      f"kept until this run has passed its update. To continue from the newest instead: "
+                      f"--resume {run_dir / 'checkpoints' / newer[-1]}", file=sys.stderr)
 
     def _wrap(self) -> None:
         """DDP across processes (told of parameters unused at this size), then torch.compile."""
