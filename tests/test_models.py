@@ -178,3 +178,16 @@ def test_compiles_to_one_graph_with_every_attention_fused(name, monkeypatch):
         out = torch.compile(model, fullgraph=True, backend=count_zoo_ops)(x)
     assert out.shape == (2, model.num_classes)
     assert len(eager_calls) > 0 and len(graph_ops) == len(eager_calls), (graph_ops, len(eager_calls))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_parameter_takes_part_in_a_training_step(name):
+    """One training step at 96x128 px reaches every parameter: none is built and left unused
+    (timm's own model tests check this for its models). 96x128 still gives FasterViT's
+    stride-16 map two windows, so its carrier tokens take part; on a map of one window they do not,
+    as in the authors' code (tests/test_train.py checks that DDP is told)."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5, drop_path_rate=0.1).train()
+    model(torch.randn(2, 3, 96, 128)).logsumexp(-1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"{name}: no gradient for {len(missing)} parameters, e.g. {missing[:3]}"
