@@ -5,6 +5,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 import zoo
@@ -83,3 +84,13 @@ def test_export_features_at_fixed_batch(tmp_path):
     trunk = ZooFeatures(CONFIGS / "tiny_nat.yaml", out_indices=(2, 3)).eval()
     diff, out = check_onnx(trunk, export_onnx(trunk, tmp_path / "trunk.onnx", (64, 96), batch_size=1))
     assert list(out) == ["0", "1"] and diff < 1e-4
+
+
+def test_torchscript_is_refused_with_the_way_on():
+    """torch.jit.script would fail deep in a block with TorchScript's type error; the model says
+    what to use instead, also inside a features_only wrapper."""
+    pattern = r"TorchScript \(torch.jit.script\) is not supported: .* Use torch.compile, torch.export"
+    for model in (timm.create_model("zoo_swin_tiny"), timm.create_model("zoo_nat_mini", features_only=True)):
+        with warnings.catch_warnings(), pytest.raises(RuntimeError, match=pattern):
+            warnings.simplefilter("ignore", FutureWarning)  # PyTorch's own: torch.jit.script is deprecated
+            torch.jit.script(model)

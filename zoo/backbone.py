@@ -256,6 +256,13 @@ class Backbone(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first, on this model or on any wrapper that holds it."""
+        raise RuntimeError(
+            f"{self.cfg.name}: TorchScript (torch.jit.script) is not supported: zoo's blocks pick "
+            f"windows and padding per input size in Python, and PyTorch deprecates TorchScript. Use "
+            f"torch.compile, torch.export (zoo.export.export_program) or ONNX (zoo.export.export_onnx).")
+
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for s in self.stages:
