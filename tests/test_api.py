@@ -212,6 +212,12 @@ def test_unknown_model_name():
         zoo.create_model("zoo_nat_huge")
 
 
+def test_pretrained_without_a_file_says_how_to_give_one():
+    with pytest.raises(RuntimeError, match=r"zoo_nat_mini: pretrained=True needs a weights file .*"
+                                           r"pretrained_cfg_overlay=dict\(file=\.\.\.\)"):
+        timm.create_model("zoo_nat_mini", pretrained=True)
+
+
 @pytest.mark.parametrize("x,words", [
     (torch.randn(3, 64, 64), r"expected an image batch of shape \(B, 3, H, W\), got \(3, 64, 64\)"),
     (torch.randn(1, 64, 64, 3), "expected 3 input channels, got 64"),

@@ -67,10 +67,19 @@ def build(cfg: ModelConfig, variant: str, pretrained: bool = False, pretrained_c
     if pretrained and overlay.get("file") and not overlay.get("state_dict"):
         # Read it here so a missing or corrupt file gets an error that names it.
         overlay["state_dict"] = read_state_dict(overlay["file"])
-    return build_model_with_cfg(
-        Backbone, variant, pretrained, model_cfg=cfg, pretrained_cfg=pretrained_cfg,
-        pretrained_cfg_overlay=overlay or None, pretrained_filter_fn=convert_checkpoint,
-        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(len(cfg.stages)))), **kwargs)
+    try:
+        return build_model_with_cfg(
+            Backbone, variant, pretrained, model_cfg=cfg, pretrained_cfg=pretrained_cfg,
+            pretrained_cfg_overlay=overlay or None, pretrained_filter_fn=convert_checkpoint,
+            feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(len(cfg.stages)))), **kwargs)
+    except RuntimeError as e:
+        if not (pretrained and str(e).startswith("No pretrained weights exist")):
+            raise
+        # timm's words say to give up on weights; zoo's have no URL, they come from a file
+        raise RuntimeError(
+            f"{variant}: pretrained=True needs a weights file (zoo downloads nothing): pass "
+            f"pretrained_cfg_overlay=dict(file=...) with zoo's .safetensors or the original checkpoint, "
+            f"or zoo.create_model(<folder zoo.save_pretrained wrote>, pretrained=True)") from None
 
 
 def _entrypoint(name: str, path: Path):
