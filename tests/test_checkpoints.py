@@ -56,6 +56,25 @@ def test_swin_equals_timm(tmp_path, variant):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
+def test_checkpoint_path_and_load_state_dict_take_an_original_checkpoint(tmp_path):
+    """timm's ``checkpoint_path=`` (and ``load_checkpoint``) call ``model.load_state_dict``, which
+    converts a layout that is not the zoo's, as ``pretrained=True`` does."""
+    ref = _timm_swin("tiny")
+    path = tmp_path / "swin.pth"
+    torch.save({"model": ref.state_dict()}, path)  # the authors' wrapping; timm unwraps it
+    model = timm.create_model("zoo_swin_tiny", checkpoint_path=str(path)).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-4, rtol=0)
+    sd = dict(ref.state_dict(), extra=torch.zeros(1))
+    with pytest.raises(CheckpointError, match=r"does not fit zoo_swin_tiny .*unexpected .*'extra'"):
+        model.load_state_dict(sd)
+    # what nn.Module takes stays nn.Module's: a partial load of the zoo's own keys, not strict
+    head = {k: torch.zeros_like(v) for k, v in model.state_dict().items() if k.startswith("head.")}
+    assert model.load_state_dict(head, strict=False).unexpected_keys == []
+    assert model.head.fc.weight.abs().sum() == 0
+
+
 def _fastervit(i):
     fv = pytest.importorskip("fastervit.models.faster_vit", reason="the authors' `fastervit` package is not installed")
     return getattr(fv, f"faster_vit_{i}_224")()

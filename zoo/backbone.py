@@ -256,6 +256,17 @@ class Backbone(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module's, which also takes the original checkpoint layouts (timm's, the authors'):
+        a strict load of keys that are not all the zoo's goes through the converter that
+        ``pretrained=True`` uses (so timm's ``checkpoint_path=`` and ``load_checkpoint`` take an
+        original checkpoint; one that does not fit says which keys are wrong). Any load that
+        nn.Module would accept is left to it unchanged."""
+        if strict and not set(state_dict) <= set(self.state_dict()):
+            from zoo.convert import convert_checkpoint  # the converters import zoo's model code
+            state_dict = convert_checkpoint(state_dict, self)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def __prepare_scriptable__(self):
         """torch.jit.script calls this first, on this model or on any wrapper that holds it."""
         raise RuntimeError(
