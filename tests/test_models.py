@@ -94,7 +94,8 @@ def test_any_input_size_runs_and_a_step_trains_every_parameter(name):
 
 
 # The config's stage sizes and timm's pool_size come from each stem's and downsampler's own
-# out_length: families round odd sizes differently (see test_any_input_size_runs_and_a_step_trains_every_parameter).
+# out_length: families round odd sizes differently (see
+# test_any_input_size_runs_and_a_step_trains_every_parameter).
 TINY_CONFIGS = sorted((Path(__file__).parent / "configs").glob("tiny_*.yaml"))
 # The tiny configs and the hybrids hold every stem and downsampler type the shipped configs use.
 SIZE_CONFIGS = TINY_CONFIGS + [REGISTERED[n] for n in NAMES if n.startswith("zoo_hybrid_")]
