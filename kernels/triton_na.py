@@ -399,21 +399,24 @@ def _na_bwd_extra_kernel(
 # Host side: launch configuration
 
 
-def _patch_shape(block: int, lengths, kernel, stride, offset) -> Tuple[int, int]:
-    """Pick a TH x TW = ``block`` patch minimising the keys walked in total (a rough model of
-    the work: patches per axis times the key-rectangle extent, padded to the block)."""
+def _patch_shape(block: int, walk: int, lengths, kernel, stride, offset) -> Tuple[int, int]:
+    """Pick a TH x TW = ``block`` patch for the least work: first the steps (programs times the
+    ``walk``-wide steps each takes over its rectangle of partner tokens, padded to a whole step),
+    then, among equals, the tokens walked (programs times rectangle area: fewer masked loads).
+    Counting whole steps matters where windows are small on one axis: a 1 x 2 window over an
+    11 x 3 map is one 16 x 4 patch, not eleven 1 x 64 patches of three tokens each."""
     best = None
     th = 1
     while th <= block:
         tw = block // th
-        work = 1.0
+        programs, area = 1, 1
         for n, t, k, s, o in zip(lengths, (th, tw), kernel, stride, offset):
-            patches = -(-n // t)
+            programs *= -(-n // t)
             if o is None:
-                extent = min(t + k - 1, n)
+                area *= min(t + k - 1, n)
             else:
-                extent = min((-(-t // k) + 1) * k, n)
-            work *= patches * extent
+                area *= min((-(-t // k) + 1) * k, n)
+        work = (programs * -(-area // walk), programs * area)
         if best is None or work < best[0]:
             best = (work, th, tw)
         th *= 2
@@ -431,8 +434,8 @@ class _Geometry:
         # lengths of the largest dilation group on each axis
         self.group_len = (-(-self.H // dilation[0]), -(-self.W // dilation[1]))
 
-    def patches(self, block: int):
-        th, tw = _patch_shape(block, self.group_len, self.kernel, self.stride, self.offset)
+    def patches(self, block: int, walk: int):
+        th, tw = _patch_shape(block, walk, self.group_len, self.kernel, self.stride, self.offset)
         tiles = (-(-self.group_len[0] // th), -(-self.group_len[1] // tw))
         grid0 = self.dilation[0] * self.dilation[1] * tiles[0] * tiles[1]
         return th, tw, tiles, grid0
@@ -464,7 +467,7 @@ def _query_pass(geo: "_Geometry", q, k, v, rpb, ak, av, out, lse, scale, grad_ou
     """Launch ``_na_query_kernel`` over the query patches: the forward without ``grad_out``
     (writes ``out`` and ``lse``), else the dQ pass (writes ``delta`` and ``dq``). Returns the
     copies of the bias-table gradient it accumulated with ``rpb_grad``, else None."""
-    th, tw, tiles, grid0 = geo.patches(geo.cfg["block_m"])
+    th, tw, tiles, grid0 = geo.patches(geo.cfg["block_m"], geo.cfg["block_n"])
     e_strides, n_extra, _, e_cx = _extra_layout(ak, geo)
     drpb, copies = None, 1
     if rpb_grad:  # copies of the table spread the atomics of different programs over addresses
@@ -515,7 +518,7 @@ def _backward(grad_out, q, k, v, out, lse, rpb, ak, av, kernel_size, stride, dil
     common = compiler_options(geo.cfg)
     precision = _precision(q)
     strides = (q.stride(0), q.stride(1), q.stride(2), q.stride(3))
-    th, tw, tiles, grid0 = geo.patches(geo.cfg["block_n"])
+    th, tw, tiles, grid0 = geo.patches(geo.cfg["block_n"], geo.cfg["block_m"])
     cand = tuple(triton.next_power_of_2(t + 4 * kk) for t, kk in zip((th, tw), kernel_size))
     _na_bwd_dkdv_kernel[(grid0 * B * geo.heads,)](
         q, k, v, grad_out, lse, delta, rpb if rpb is not None else dummy, dk, dv,

@@ -420,6 +420,14 @@ def test_triton_supports_rules():
     assert "meta" in triton_na.triton_supports(meta(32))  # a device the kernel cannot run on
 
 
+def test_patches_are_chosen_by_whole_steps():
+    """A program's cost is its steps over partner tokens, each a whole block: a 1 x 2 window over
+    an 11 x 3 map takes one 16 x 4 patch (3 steps of 16 keys), not eleven 1 x 64 patches of three
+    keys each; a 7 x 7 neighborhood over 56 x 56 takes square 8 x 8 patches (fewest keys)."""
+    assert triton_na._patch_shape(64, 16, (11, 3), (1, 2), (1, 2), (None, None)) == (16, 4)
+    assert triton_na._patch_shape(64, 64, (56, 56), (7, 7), (1, 1), (None, None)) == (8, 8)
+
+
 def test_auto_on_cpu_is_the_reference():
     q, k, v = _small()
     rpb = torch.randn(2, 5, 5)
