@@ -16,8 +16,8 @@ import zlib
 import pytest
 import torch
 
-from triton_harness import (compiled_for_sm90, gpu, interpreter_suite, needs_interpreter,
-                            not_interpreted, peak_memory)
+from triton_harness import (compiled_for_sm90, dtype_in_turn, gpu, interpreter_suite,
+                            needs_interpreter, not_interpreted, peak_memory)
 from zoo.kernels import BACKENDS, backend, na2d, na2d_reference, selected_backend
 from zoo.kernels.neighborhood import axis_window_count
 from zoo.kernels.triton_common import tf32_matmuls
@@ -188,8 +188,7 @@ def random_case(seed, per_window=False):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("dtype", NAMED_DTYPES, ids=str)
-@pytest.mark.parametrize("name", NAMED)
+@pytest.mark.parametrize("name,dtype", dtype_in_turn(NAMED, NAMED_DTYPES))
 def test_named_cases(name, dtype):
     case = dict(NAMED[name])
     case.setdefault("shape", SMALL)
@@ -284,7 +283,7 @@ def test_random_per_window_cases(seed):
 # The interpreter run, launched from the ordinary test process.
 
 
-test_interpreter_suite = interpreter_suite(__file__, min_passed=190, shards=4)
+test_interpreter_suite = interpreter_suite(__file__, min_passed=len(NAMED) + 130, shards=4)
 
 
 # ---------------------------------------------------------------------------------------------
