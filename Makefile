@@ -23,9 +23,10 @@ install: $(VENV)/.install
 install-test: $(VENV)/.install-test
 
 # pytest-xdist: one worker per core (at most 4); idle workers steal queued tests, and the Triton
-# interpreter runs come in shards so that they are shared too (tests/conftest.py).
+# interpreter runs come in shards so that they are shared too (tests/conftest.py). The slowest
+# tests are listed at the end: CI has 30 minutes on 2 cores, and this says where they go.
 test: install-test
-	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist worksteal
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist worksteal --durations=15
 
 # The main job on the embedded default data: scikit-learn's handwritten digits as an ImageFolder,
 # a small NAT trained by the demo recipe, then evaluated on the held-out split.
