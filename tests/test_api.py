@@ -1,4 +1,5 @@
 """timm's model API on zoo models, and clear errors for bad input tensors."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -236,6 +237,36 @@ def test_python_m_zoo_list():
     assert lines[0].split()[:3] == ["model", "params", "code"]
     assert any(line.startswith("zoo_swin_tiny") and "28,288,354" in line and "4.49" in line for line in lines)
     assert "MISMATCH" not in out
+
+
+def test_python_m_zoo_list_prints_each_row_as_measured_and_stops_when_the_reader_leaves(
+        monkeypatch, tmp_path):
+    """A row appears once its model is measured (about 2 s each), not after all 37; a reader
+    that leaves (``| head -2``) ends the listing with status 0 and no traceback."""
+    import zoo.measure
+    from zoo.__main__ import main
+    log = []  # ("measure", name) and ("line", text) in the order they happen
+    monkeypatch.setattr(zoo.measure, "measure", lambda name: log.append(("measure", name)) or (1, 1.0))
+
+    class ReaderLeavesAfterTwoLines:
+        fd = os.open(tmp_path / "stdout", os.O_WRONLY | os.O_CREAT)
+
+        def write(self, text):
+            if text == "\n":
+                if sum(kind == "line" for kind, _ in log) == 2:
+                    raise BrokenPipeError(32, "Broken pipe")
+                log.append(("line", ""))
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return self.fd
+
+    monkeypatch.setattr(sys, "stdout", ReaderLeavesAfterTwoLines())
+    assert main(["list", "--filter", "swin"]) == 0
+    assert log == [("line", ""), ("measure", "zoo_cswin_base"), ("line", ""),
+                   ("measure", "zoo_cswin_small")]  # the header, a row, then the reader had left
 
 
 def test_python_m_zoo_refuses_what_matches_nothing():

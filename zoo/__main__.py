@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -33,25 +34,28 @@ def _fmt(v, spec=""):
 
 
 def cmd_list(args) -> int:
+    """Rows are printed as each model is measured (about 2 s a model on a CPU), so the plain
+    table's column widths are fixed in advance: the longest name, and room for a billion
+    parameters."""
     names = _matching(args.filter)
     header = ["model", "params", "code params", "GMACs", "code GMACs", "published params / GMACs / top-1"]
-    rows = []
-    for r in _rows(names):
-        ok = r["params"] == r["ref_params"] and (r["ref_gmacs"] is None or
-                                                  abs(r["gmacs"] - r["ref_gmacs"]) <= 0.03 * r["ref_gmacs"])
-        rows.append([r["name"], f"{r['params']:,}", _fmt(r["ref_params"], ","), f"{r['gmacs']:.2f}",
-                     _fmt(r["ref_gmacs"], ".2f"),
-                     f"{_fmt(r['pub_params'])} / {_fmt(r['pub_gmacs'])} / {_fmt(r['top1'])}"
-                     + (f" ({r['note']})" if r["note"] else "") + ("" if ok else "  (MISMATCH)")])
+    widths = [max(map(len, names + [header[0]])), 13, 13, 7, 10, 0]
     if args.markdown:
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
     else:
-        widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-        for row in [header] + rows:
-            print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+        print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    for r in _rows(names):
+        ok = r["params"] == r["ref_params"] and (r["ref_gmacs"] is None or
+                                                  abs(r["gmacs"] - r["ref_gmacs"]) <= 0.03 * r["ref_gmacs"])
+        row = [r["name"], f"{r['params']:,}", _fmt(r["ref_params"], ","), f"{r['gmacs']:.2f}",
+               _fmt(r["ref_gmacs"], ".2f"),
+               f"{_fmt(r['pub_params'])} / {_fmt(r['pub_gmacs'])} / {_fmt(r['top1'])}"
+               + (f" ({r['note']})" if r["note"] else "") + ("" if ok else "  (MISMATCH)")]
+        if args.markdown:
+            print("| " + " | ".join(row) + " |", flush=True)
+        else:
+            print("  ".join(x.ljust(w) for x, w in zip(row, widths)), flush=True)
     return 0
 
 
@@ -95,7 +99,13 @@ def main(argv=None) -> int:
     pf.add_argument("--filter", default="")
     pf.set_defaults(fn=cmd_forward)
     args = p.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except BrokenPipeError:
+        # The reader left (``python -m zoo list | head``): stop quietly. What stdout still
+        # buffers goes to /dev/null, or flushing it at exit would fail again (Python's advice).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
