@@ -68,7 +68,7 @@ def cmd_forward(args) -> int:
         with torch.no_grad():
             y = model(x)
         print(f"{name:24s} logits {tuple(y.shape)}  top class {int(y.argmax())}  "
-              f"{time.perf_counter() - t:6.2f} s on {x.shape[2]}x{x.shape[3]}")
+              f"{time.perf_counter() - t:6.2f} s on {x.shape[2]}x{x.shape[3]}", flush=True)
     return 0
 
 
