@@ -1,5 +1,4 @@
 """timm's model API on zoo models, and clear errors for bad input tensors."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -249,7 +248,8 @@ def test_python_m_zoo_list_prints_each_row_as_measured_and_stops_when_the_reader
     monkeypatch.setattr(zoo.measure, "measure", lambda name: log.append(("measure", name)) or (1, 1.0))
 
     class ReaderLeavesAfterTwoLines:
-        fd = os.open(tmp_path / "stdout", os.O_WRONLY | os.O_CREAT)
+        def __init__(self, target):
+            self.target = target  # the file main() points at /dev/null once the pipe breaks
 
         def write(self, text):
             if text == "\n":
@@ -261,10 +261,11 @@ def test_python_m_zoo_list_prints_each_row_as_measured_and_stops_when_the_reader
             pass
 
         def fileno(self):
-            return self.fd
+            return self.target.fileno()
 
-    monkeypatch.setattr(sys, "stdout", ReaderLeavesAfterTwoLines())
-    assert main(["list", "--filter", "swin"]) == 0
+    with open(tmp_path / "stdout", "w") as target:
+        monkeypatch.setattr(sys, "stdout", ReaderLeavesAfterTwoLines(target))
+        assert main(["list", "--filter", "swin"]) == 0
     assert log == [("line", ""), ("measure", "zoo_cswin_base"), ("line", ""),
                    ("measure", "zoo_cswin_small")]  # the header, a row, then the reader had left
 

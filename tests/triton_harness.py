@@ -10,6 +10,7 @@ have already done. Each Triton test module therefore marks its interpreter tests
 """
 
 import contextlib
+import itertools
 import os
 import re
 import subprocess
@@ -42,8 +43,8 @@ def dtype_in_turn(names, dtypes):
     taken in turn, so each dtype meets a share of the patterns. Every pattern in every dtype
     costs the interpreter three times as long (the named NA cases took 275 of its 767 CPU
     seconds), and the seeded random cases already cross the dtypes with every knob."""
-    return [pytest.param(name, dtypes[i % len(dtypes)], id=f"{name}-{dtypes[i % len(dtypes)]}")
-            for i, name in enumerate(names)]
+    return [pytest.param(name, dtype, id=f"{name}-{dtype}")
+            for name, dtype in zip(names, itertools.cycle(dtypes))]
 
 
 def peak_memory(run):

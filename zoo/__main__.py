@@ -40,22 +40,23 @@ def cmd_list(args) -> int:
     names = _matching(args.filter)
     header = ["model", "params", "code params", "GMACs", "code GMACs", "published params / GMACs / top-1"]
     widths = [max(map(len, names + [header[0]])), 13, 13, 7, 10, 0]
+
+    def line(cells):
+        if args.markdown:
+            return "| " + " | ".join(cells) + " |"
+        return "  ".join(x.ljust(w) for x, w in zip(cells, widths))
+
+    print(line(header))
     if args.markdown:
-        print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
-    else:
-        print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
     for r in _rows(names):
         ok = r["params"] == r["ref_params"] and (r["ref_gmacs"] is None or
                                                   abs(r["gmacs"] - r["ref_gmacs"]) <= 0.03 * r["ref_gmacs"])
-        row = [r["name"], f"{r['params']:,}", _fmt(r["ref_params"], ","), f"{r['gmacs']:.2f}",
-               _fmt(r["ref_gmacs"], ".2f"),
-               f"{_fmt(r['pub_params'])} / {_fmt(r['pub_gmacs'])} / {_fmt(r['top1'])}"
-               + (f" ({r['note']})" if r["note"] else "") + ("" if ok else "  (MISMATCH)")]
-        if args.markdown:
-            print("| " + " | ".join(row) + " |", flush=True)
-        else:
-            print("  ".join(x.ljust(w) for x, w in zip(row, widths)), flush=True)
+        print(line([r["name"], f"{r['params']:,}", _fmt(r["ref_params"], ","), f"{r['gmacs']:.2f}",
+                    _fmt(r["ref_gmacs"], ".2f"),
+                    f"{_fmt(r['pub_params'])} / {_fmt(r['pub_gmacs'])} / {_fmt(r['top1'])}"
+                    + (f" ({r['note']})" if r["note"] else "") + ("" if ok else "  (MISMATCH)")]),
+              flush=True)
     return 0
 
 
@@ -104,7 +105,9 @@ def main(argv=None) -> int:
     except BrokenPipeError:
         # The reader left (``python -m zoo list | head``): stop quietly. What stdout still
         # buffers goes to /dev/null, or flushing it at exit would fail again (Python's advice).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
         return 0
 
 
